@@ -64,6 +64,11 @@ class UnifiedAdapter(ABC):
         """Pixels of images: uint8 Tensor[B, H, W, 3]."""
 
     @abstractmethod
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image tokens of pixels: uint8 Tensor[B, H, W, 3] -> LongTensor[B, L] (the inverse of
+        :meth:`decode` up to the tokenizer's loss; for the toy model, ShapesWorld's pixel parser)."""
+
+    @abstractmethod
     def shared_parameter_names(self) -> list[str]:
         """Names (in ``model.named_parameters()``) of the shared language model: what the
         paper trains by default (vision tower, VQ and heads frozen)."""

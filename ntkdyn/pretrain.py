@@ -1,0 +1,230 @@
+"""Pre-train the toy unified model on ShapesWorld (``python -m ntkdyn.pretrain``).
+
+Every step draws fresh examples from the *train* prompts (categories equally likely) and
+minimises the sum of three losses through the adapter's own measurements:
+
+    generation     -log pi(x|y) / L                 y -> a random true scene x
+    understanding  BCE(log-odds, label)             true scene (label 1) or a negative (label 0)
+    captioning     -log pi(y|x) / |y|               true scene -> its prompt
+
+Understanding batches are half true scenes and half negatives. A negative is a hard one
+(ShapesWorld.negatives: a recolored, reshaped, added, removed or re-counted object, or a
+relation broken by a swap or move; kinds equally likely) with a probability that rises
+linearly from ``hard_start`` to ``hard_end`` over the first ``hard_ramp`` of the steps
+(a curriculum), else a true scene of another prompt. AdamW, linear warm-up, cosine decay.
+
+Why the gap appears: understanding is one binary decision read from the whole scene, and it
+gets the larger share of the examples; generation must sample all L cells one at a time at
+temperature 1, so the probability mass it leaves on wrong cells compounds over L samples, and
+prompts with more constraints (counts, bindings, relations) leave more of it. Nothing corrupts
+generation: both branches train to convergence of the same budget.
+
+The result is cached in $NTKDYN_CACHE (default ~/.cache/ntkdyn) under toy-<hash of the recipe>
+and built by ``load_adapter("toy")`` the first time it is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ntkdyn.models.toy import ToyAdapter
+from ntkdyn.world import Prompt, ShapesWorld
+
+
+@dataclass
+class PretrainConfig:
+    """The recipe: model size, budget, task mix and optimiser. Its hash names the cache entry."""
+
+    seed: int = 0
+    world_seed: int = 0
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 256
+    steps: int = 3000
+    gen_batch: int = 16
+    und_batch: int = 48
+    caption_batch: int = 8
+    lr: float = 3e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    hard_start: float = 0.2
+    hard_end: float = 0.9
+    hard_ramp: float = 0.4
+    threads: int = 2
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("seed", "world_seed", "warmup", "caption_batch") and value < 0:
+                raise ValueError(f"PretrainConfig.{f.name} must be >= 0 (got {value})")
+            if f.name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "steps", "gen_batch",
+                          "und_batch", "threads", "lr") and value <= 0:
+                raise ValueError(f"PretrainConfig.{f.name} must be > 0 (got {value})")
+        for name in ("hard_start", "hard_end", "hard_ramp", "weight_decay"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"PretrainConfig.{name} must lie in [0, 1] (got {getattr(self, name)})")
+
+    def recipe_hash(self) -> str:
+        """12 hex digits identifying the recipe (``threads`` excluded: it changes no result)."""
+        recipe = {k: v for k, v in asdict(self).items() if k != "threads"}
+        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cache_dir(config: PretrainConfig) -> Path:
+    """$NTKDYN_CACHE/toy-<recipe hash>, $NTKDYN_CACHE defaulting to ~/.cache/ntkdyn."""
+    root = Path(os.environ.get("NTKDYN_CACHE") or Path.home() / ".cache" / "ntkdyn")
+    return root / f"toy-{config.recipe_hash()}"
+
+
+class TaskSampler:
+    """Draws the three tasks' examples from the train prompts; categories equally likely."""
+
+    def __init__(self, world: ShapesWorld, rng: np.random.Generator):
+        self.world, self.rng = world, rng
+        self.by_category = [world.prompts("train", c) for c in world.categories]
+
+    def prompt(self) -> Prompt:
+        prompts = self.by_category[self.rng.integers(len(self.by_category))]
+        return prompts[self.rng.integers(len(prompts))]
+
+    def positives(self, n: int) -> tuple[list[str], torch.Tensor]:
+        """n (prompt text, true scene) pairs: texts, LongTensor[n, L]."""
+        prompts = [self.prompt() for _ in range(n)]
+        return [p.text for p in prompts], torch.stack([self.world.sample_image(p, self.rng) for p in prompts])
+
+    def understanding(self, n: int, hard: float) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """n judged pairs, half true: texts, scenes LongTensor[n, L], labels float[n]."""
+        texts, scenes, labels = [], [], []
+        for i in range(n):
+            prompt = self.prompt()
+            scene = self.world.sample_image(prompt, self.rng)
+            label = i % 2 == 0
+            if not label:
+                if self.rng.random() < hard:
+                    negatives = self.world.negatives(prompt, scene, self.rng)
+                    scene = negatives[self.rng.integers(len(negatives))][1]
+                else:
+                    while self.world.oracle(prompt, scene):
+                        scene = self.world.sample_image(self.prompt(), self.rng)
+            texts.append(prompt.text)
+            scenes.append(scene)
+            labels.append(float(label))
+        return texts, torch.stack(scenes), torch.tensor(labels)
+
+
+def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[ToyAdapter, list[dict]]:
+    """Train a toy model from scratch with the recipe; deterministic from config.seed.
+
+    Returns the adapter and a log: one dict per 50 steps with the mean losses and steps/s.
+    """
+    torch.set_num_threads(config.threads)
+    world = ShapesWorld(seed=config.world_seed)
+    adapter = ToyAdapter.build(world, seed=config.seed, hidden_size=config.hidden_size,
+                               num_layers=config.num_layers, num_heads=config.num_heads,
+                               intermediate_size=config.intermediate_size)
+    model = adapter.model
+    model.train()
+    sampler = TaskSampler(world, np.random.default_rng([config.seed, 1]))
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
+
+    def lr_factor(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        progress_ = (step - config.warmup) / max(1, config.steps - config.warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress_))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    log, sums, start = [], np.zeros(4), time.perf_counter()
+    bar = tqdm(range(config.steps), desc="pretrain toy", disable=not progress)
+    for step in bar:
+        hard = config.hard_start + (config.hard_end - config.hard_start) * min(
+            1.0, step / max(1, config.hard_ramp * config.steps))
+        gen_texts, gen_images = sampler.positives(config.gen_batch)
+        und_texts, und_images, labels = sampler.understanding(config.und_batch, hard)
+        gen_loss = -adapter.gen_logprob(gen_texts, gen_images).mean() / adapter.image_tokens
+        log_odds = adapter.judge(und_images, und_texts).log_odds
+        und_loss = torch.nn.functional.binary_cross_entropy_with_logits(log_odds, labels)
+        loss = gen_loss + und_loss
+        cap_loss = torch.zeros(())
+        if config.caption_batch:
+            cap_texts, cap_images = sampler.positives(config.caption_batch)
+            lengths = torch.tensor([len(t.split()) for t in cap_texts], dtype=torch.float32)
+            cap_loss = -(adapter.caption_logprob(cap_images, cap_texts) / lengths).mean()
+            loss = loss + cap_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        und_acc = ((log_odds.detach() > 0).float() == labels).float().mean()
+        sums += [gen_loss.item(), und_loss.item(), cap_loss.item(), und_acc.item()]
+        if (step + 1) % 50 == 0 or step + 1 == config.steps:
+            count = (step % 50) + 1
+            entry = dict(zip(("gen_loss", "und_loss", "caption_loss", "und_train_acc"), sums / count, strict=True))
+            entry.update(step=step + 1, hard=hard, steps_per_s=(step + 1) / (time.perf_counter() - start))
+            log.append(entry)
+            bar.set_postfix(gen=f"{entry['gen_loss']:.3f}", und=f"{entry['und_loss']:.3f}",
+                            acc=f"{entry['und_train_acc']:.2f}")
+            sums[:] = 0
+    model.eval()
+    return adapter, log
+
+
+def pretrained_toy(config: PretrainConfig | None = None, progress: bool = True) -> ToyAdapter:
+    """The cached pre-trained toy of the recipe, pre-training and caching it first if needed."""
+    config = config or PretrainConfig()
+    target = cache_dir(config)
+    if not (target / "ntkdyn_toy.json").is_file():
+        print(f"pre-training the toy model (once) into {target}")
+        adapter, log = pretrain(config, progress=progress)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".toy-"))
+        adapter.save_pretrained(staging)
+        (staging / "pretrain_config.json").write_text(json.dumps(asdict(config), indent=1))
+        (staging / "pretrain_log.json").write_text(json.dumps(log, indent=1))
+        if target.exists():  # another process finished first: keep its copy
+            shutil.rmtree(staging)
+        else:
+            staging.rename(target)
+    return ToyAdapter.from_pretrained(target)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ntkdyn.pretrain", description=__doc__.split("\n\n")[0])
+    for f in fields(PretrainConfig):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    parser.add_argument("--out", default=None, help="save here instead of the cache")
+    args = vars(parser.parse_args(argv))
+    out = args.pop("out")
+    config = PretrainConfig(**args)
+    if out is None:
+        pretrained_toy(config)
+        print(f"toy model: {cache_dir(config)}")
+        return 0
+    adapter, log = pretrain(config)
+    adapter.save_pretrained(out)
+    (Path(out) / "pretrain_config.json").write_text(json.dumps(asdict(config), indent=1))
+    (Path(out) / "pretrain_log.json").write_text(json.dumps(log, indent=1))
+    print(f"toy model: {out} ({log[-1]['steps_per_s']:.2f} steps/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""Learning-dynamics tracking inside transformers.Trainer and TRL's trainers (SFTTrainer, DPOTrainer).
+
+A TrainerCallback is never handed the step's batch, and the kernel form of the prediction
+needs the training samples' gradients. So ``attach(trainer)`` wraps the trainer's
+``training_step`` (an instance attribute shadowing the method; the Trainer's inner loop calls
+``self.training_step(model, inputs, ...)`` for every micro-batch): before the first micro-batch
+of a tracked optimizer step it snapshots θ and the probes' features; every micro-batch adds its
+training features. ``on_step_end`` (after ``optimizer.step()``) computes the predictions and
+re-evaluates the probes. Usage::
+
+    cb = NTKDynamicsCallback(probes={"gen/held_out": (fn, batch), ...}, out_dir="runs/x", every=10,
+                             config=ProjectionConfig(kind="exact"), loss_fn=per_sample_loss)
+    trainer.add_callback(cb)
+    cb.attach(trainer)           # needed: gives the callback the batches (adds cb if not added yet)
+    trainer.train()
+
+probes: ``{name: (fn, batch)}`` with ``fn(model, batch) -> Tensor[B]``; a name
+``"measurement/category"`` sets both (e.g. ``"gen/aligned"``), otherwise both are the name.
+loss_fn: ``loss_fn(model, inputs) -> Tensor[B]`` per-sample training losses of the trainer's
+inputs, whose mean is the step loss; None skips the kernel form (``predicted_sgd``) while the
+exact and feature predictions, which only need the real update, remain. Steps are numbered as
+``state.global_step`` after the update (1, 2, ...); step s is tracked when s % every == 0.
+Rows are the same ``dynamics.jsonl`` rows as every other way of tracking.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from ntkdyn.analysis.dynamics import DynamicsTracker
+from ntkdyn.analysis.probes import Fn, ProbeGroup
+from ntkdyn.analysis.projector import ProjectionConfig
+
+
+def _to_device(batch, device: torch.device):
+    """Tensors of a (nested) dict/list/tuple batch moved to device; everything else as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+class NTKDynamicsCallback(TrainerCallback):
+    """Predicted vs observed change of fixed probes at every ``every``-th optimizer step of a
+    transformers.Trainer (or a TRL trainer built on it). See the module docstring for usage."""
+
+    def __init__(
+        self,
+        probes: Mapping[str, tuple[Fn, dict]],
+        out_dir: str | os.PathLike,
+        every: int = 10,
+        config: ProjectionConfig | None = None,
+        loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None,
+        top_contributors: int = 3,
+    ) -> None:
+        if not probes:
+            raise ValueError("NTKDynamicsCallback: probes must name at least one (fn, batch)")
+        for name, value in probes.items():
+            if not (isinstance(value, tuple) and len(value) == 2 and callable(value[0])):
+                raise TypeError(f"NTKDynamicsCallback: probes[{name!r}] must be a tuple (fn, batch)")
+        if every < 1:
+            raise ValueError(f"NTKDynamicsCallback: every must be >= 1, got {every}")
+        self.probes = dict(probes)
+        self.out_dir = out_dir
+        self.every = every
+        self.config = config
+        self.loss_fn = loss_fn
+        self.top_contributors = top_contributors
+        self.tracker: DynamicsTracker | None = None
+        self._attached = False
+        self._lr = float("nan")
+
+    def attach(self, trainer: Trainer) -> NTKDynamicsCallback:
+        """Wrap ``trainer.training_step`` so that the callback sees each micro-batch; add the
+        callback to the trainer if it is not there yet. Returns self."""
+        if self._attached:
+            raise RuntimeError("NTKDynamicsCallback.attach: already attached to a trainer")
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        original = trainer.training_step
+
+        def training_step(model, inputs, *args, **kwargs):
+            self._before(trainer, model, inputs)
+            return original(model, inputs, *args, **kwargs)
+
+        trainer.training_step = training_step
+        self._attached = True
+        return self
+
+    def _before(self, trainer: Trainer, model: nn.Module, inputs: dict) -> None:
+        step = trainer.state.global_step + 1  # the optimizer step this micro-batch belongs to
+        if step % self.every:
+            return
+        module = trainer.accelerator.unwrap_model(model)
+        device = next(module.parameters()).device
+        if self.tracker is None:
+            groups = [
+                ProbeGroup(name, fn, _to_device(batch, device), measurement=name.split("/")[0],
+                           category=name.split("/")[-1])
+                for name, (fn, batch) in self.probes.items()
+            ]
+            self.tracker = DynamicsTracker(module, groups, self.out_dir, every=self.every, config=self.config,
+                                           top_contributors=self.top_contributors)
+        if self.tracker.open_step != step:  # first micro-batch of the step: its learning rate
+            scheduler = trainer.lr_scheduler
+            self._lr = float(scheduler.get_last_lr()[0]) if scheduler is not None else trainer.args.learning_rate
+        self.tracker.before_step(step, model, self.loss_fn, _to_device(inputs, device))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not self._attached:
+            raise RuntimeError("NTKDynamicsCallback needs the step's batches: call cb.attach(trainer) before "
+                               "trainer.train()")
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.tracker is not None and state.global_step % self.every == 0:
+            self.tracker.after_step(state.global_step, model, self._lr)

@@ -1,0 +1,99 @@
+"""Per-sample training objectives: ``loss_fn(model, batch) -> Tensor[B]``.
+
+A batch is a dict of B items. Always: ``"prompts"`` (list[str]) and ``"images"`` (LongTensor[B, L],
+the SFT target or the DPO chosen image). DPO adds ``"rejected"`` (LongTensor[B, L]) and the
+reference log-probabilities ``"ref_chosen"``, ``"ref_rejected"`` (Tensor[B], precomputed with the
+frozen reference model, so no reference forward happens during training). Understanding replay
+adds one replay pair per item: ``"replay_images"`` (LongTensor[B, L]), ``"replay_prompts"``
+(list[str]) and ``"replay_labels"`` (BoolTensor[B], the oracle's answer).
+
+Per-sample loss of item b (L = image tokens, lp = log pi(x|y) summed over image tokens):
+    SFT:  l_b = -lp(x_b|y_b) / L
+    DPO:  l_b = -log sigmoid(beta * [(lp(x+_b) - ref(x+_b)) - (lp(x-_b) - ref(x-_b))])
+                + nll_weight * (-lp(x+_b) / L)
+    both: + replay_weight * BCE(sigmoid(log_odds(replay_b)), label_b)
+The step's loss is the mean of l_b over the step's batch. The per-token NLL (divided by L) keeps
+the SFT/NLL scale independent of the image length; the DPO margin uses summed log-probs, as in
+the formula of paper.md §3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ntkdyn.models.base import UnifiedAdapter
+
+LossFn = Callable[[nn.Module, dict], torch.Tensor]
+TermsFn = Callable[[nn.Module, dict], dict[str, torch.Tensor]]
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """-log sigmoid(beta * ((pc - rc) - (pr - rr))) per sample: Tensor[B] from four Tensor[B]."""
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return -F.logsigmoid(beta * margin)
+
+
+def replay_loss(log_odds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the yes-vs-no log-odds against the oracle label: Tensor[B].
+
+    = softplus(-log_odds) where label is yes, softplus(log_odds) where it is no.
+    """
+    return F.binary_cross_entropy_with_logits(log_odds, labels.to(log_odds.dtype), reduction="none")
+
+
+def objective_terms(
+    adapter: UnifiedAdapter,
+    objective: str,
+    beta: float = 0.1,
+    nll_weight: float = 0.0,
+    replay_weight: float = 0.0,
+) -> TermsFn:
+    """``terms(model, batch) -> {name: Tensor[B]}``: "loss" (the per-sample objective above) and its parts
+    ("sft/nll"; "dpo/loss", "rewards/chosen", "rewards/rejected", "dpo/nll"; "replay/loss").
+
+    The adapter runs its own ``self.model``; ``model`` is accepted for the ``fn(model, batch)`` contract
+    (the tracker passes the same module, whose parameters it may swap with torch.func).
+    """
+    if objective not in ("sft", "dpo"):
+        raise ValueError(f"objective: expected 'sft' or 'dpo', got {objective!r}")
+    tokens = adapter.image_tokens
+
+    def terms(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if objective == "sft":
+            out["sft/nll"] = -adapter.gen_logprob(batch["prompts"], batch["images"]) / tokens
+            loss = out["sft/nll"]
+        else:
+            size = len(batch["prompts"])
+            both = adapter.gen_logprob(
+                list(batch["prompts"]) * 2, torch.cat([batch["images"], batch["rejected"]])
+            )
+            chosen, rejected = both[:size], both[size:]
+            out["dpo/loss"] = dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], beta)
+            out["rewards/chosen"] = beta * (chosen - batch["ref_chosen"]).detach()
+            out["rewards/rejected"] = beta * (rejected - batch["ref_rejected"]).detach()
+            out["dpo/nll"] = -chosen / tokens
+            loss = out["dpo/loss"] + nll_weight * out["dpo/nll"] if nll_weight else out["dpo/loss"]
+        if replay_weight:
+            log_odds = adapter.judge(batch["replay_images"], batch["replay_prompts"]).log_odds
+            out["replay/loss"] = replay_loss(log_odds, batch["replay_labels"])
+            loss = loss + replay_weight * out["replay/loss"]
+        out["loss"] = loss
+        return out
+
+    return terms
+
+
+def make_loss_fn(terms: TermsFn) -> LossFn:
+    """The per-sample training loss ``fn(model, batch) -> Tensor[B]`` of a terms function."""
+    return lambda model, batch: terms(model, batch)["loss"]

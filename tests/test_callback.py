@@ -1,0 +1,171 @@
+"""NTKDynamicsCallback inside transformers.Trainer and TRL's DPOTrainer on a tiny LlamaForCausalLM
+built from a config with an in-memory word-level tokenizer (offline).
+
+Independent checks: with plain SGD (no clipping, constant lr) the real update is
+-lr * mean_u grad L(u), so the kernel form built from the batches the callback captured must
+equal the exact jvp along the real update; and the first-order predictions must agree with
+the re-evaluated change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+datasets = pytest.importorskip("datasets")
+trl = pytest.importorskip("trl")
+
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import (  # noqa: E402
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainingArguments,
+)
+
+import ntkdyn  # noqa: E402
+from ntkdyn.analysis.dynamics import read_jsonl, summarize_dynamics  # noqa: E402
+from ntkdyn.analysis.metrics import pearson  # noqa: E402
+
+WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "yes", "no", "red", "blue", "circle", "square", "a", "the", "is"]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM._from_config(config, attn_implementation="eager")
+
+
+def sequence_logprob(model, batch):
+    """sum_t log pi(ids_t | ids_<t): Tensor[B]."""
+    logp = torch.log_softmax(model(input_ids=batch["input_ids"]).logits[:, :-1].float(), -1)
+    return logp.gather(-1, batch["input_ids"][:, 1:, None])[..., 0].sum(1)
+
+
+def yes_log_odds(model, batch):
+    """logit(yes) - logit(no) after the sequence: Tensor[B]."""
+    last = model(input_ids=batch["input_ids"]).logits[:, -1].float()
+    return last[:, WORDS.index("yes")] - last[:, WORDS.index("no")]
+
+
+def probes(seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "gen/held_out": (sequence_logprob, {"input_ids": torch.randint(4, len(WORDS), (5, 6), generator=g)}),
+        "und/held_out": (yes_log_odds, {"input_ids": torch.randint(4, len(WORDS), (5, 6), generator=g)}),
+    }
+
+
+def lm_per_sample_loss(model, inputs):
+    """Per-sample token cross-entropy scaled so that its mean is the Trainer's loss
+    (sum of token losses / number of label tokens): Tensor[B]."""
+    logits = model(input_ids=inputs["input_ids"]).logits[:, :-1].float()
+    labels = inputs["labels"][:, 1:]
+    ce = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+    return ce.sum(1) * labels.shape[0] / (labels != -100).sum()
+
+
+def check_rows(out_dir, steps):
+    rows = read_jsonl(out_dir / "dynamics.jsonl")
+    probe_rows = [r for r in rows if r["kind"] == "probe"]
+    assert sorted({r["step"] for r in rows}) == steps
+    assert {r["measurement"] for r in probe_rows} == {"gen", "und"}
+    predicted = torch.tensor([r["predicted"] for r in probe_rows])
+    observed = torch.tensor([r["observed"] for r in probe_rows])
+    sgd = torch.tensor([r["predicted_sgd"] for r in probe_rows])
+    features = torch.tensor([r["predicted_features"] for r in probe_rows])
+    scale = predicted.abs().max()
+    assert scale > 0
+    # SGD: the kernel form of the captured batches is the jvp along the real update
+    torch.testing.assert_close(sgd, predicted, atol=1e-3 * scale, rtol=1e-3)
+    # exact features: <phi, delta> is the jvp
+    torch.testing.assert_close(features, predicted, atol=1e-4 * scale, rtol=1e-4)
+    # first order agrees with the observed change
+    assert pearson(predicted, observed) > 0.99
+    assert (predicted - observed).abs().max() < 0.1 * scale
+    summary = summarize_dynamics(rows)
+    assert summary["gen"]["pearson"] > 0.99 and summary["und"]["pearson"] > 0.99
+    return probe_rows
+
+
+def test_callback_in_trainer_with_gradient_accumulation(tmp_path):
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, len(WORDS), (16, 6), generator=g)
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, max_steps=4, learning_rate=0.01, optim="sgd",
+                             lr_scheduler_type="constant", max_grad_norm=0.0, report_to="none",
+                             save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    cb = ntkdyn.NTKDynamicsCallback(probes=probes(), out_dir=tmp_path / "run", every=2,
+                                    config=ntkdyn.ProjectionConfig(kind="exact"), loss_fn=lm_per_sample_loss)
+    trainer.add_callback(cb)
+    cb.attach(trainer)
+    trainer.train()
+    rows = check_rows(tmp_path / "run", [2, 4])
+    # both micro-batches of the step (2 x 2 samples) are training samples of the kernel form
+    assert max(u for r in rows for u, _ in r["top_train"]) == 3
+
+
+def test_callback_without_attach_fails_clearly(tmp_path):
+    model = tiny_llama()
+    ids = torch.randint(4, len(WORDS), (4, 6))
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=1, report_to="none", use_cpu=True,
+                             save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.add_callback(ntkdyn.NTKDynamicsCallback(probes=probes(), out_dir=tmp_path / "run", every=1))
+    with pytest.raises(RuntimeError, match="attach"):
+        trainer.train()
+
+
+BETA = 0.5
+
+
+def dpo_per_sample_loss(model, inputs):
+    """-log sigmoid(beta * (chosen log-ratio - rejected log-ratio)) per pair: Tensor[B]. The batch is
+    [chosen; rejected] (TRL's collator); each half runs through the model on its own so that every
+    forward has the B rows of the output."""
+    ids, mask, completion = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+    half = ids.shape[0] // 2
+
+    def logps(rows: slice) -> torch.Tensor:
+        logits = model(input_ids=ids[rows], attention_mask=mask[rows]).logits[:, :-1].float()
+        token = torch.log_softmax(logits, -1).gather(-1, ids[rows, 1:, None])[..., 0]
+        return (token * completion[rows, 1:]).sum(1)
+
+    chosen, rejected = logps(slice(0, half)), logps(slice(half, None))
+    margin = (chosen - inputs["ref_chosen_logps"]) - (rejected - inputs["ref_rejected_logps"])
+    return -F.logsigmoid(BETA * margin)
+
+
+def test_callback_in_trl_dpo_trainer(tmp_path):
+    model = tiny_llama()
+    tokenizer = tiny_tokenizer()
+    prompts = ["a red circle", "the blue square", "a blue circle", "the red square"] * 2
+    data = datasets.Dataset.from_dict({
+        "prompt": prompts,
+        "chosen": [" is yes", " is red", " yes", " circle"] * 2,
+        "rejected": [" is no", " no no", " blue", " square is"] * 2,
+    })
+    args = trl.DPOConfig(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=4, max_steps=4,
+                         learning_rate=0.01, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
+                         beta=BETA, precompute_ref_log_probs=True, report_to="none", save_strategy="no",
+                         logging_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    cb = ntkdyn.NTKDynamicsCallback(probes=probes(), out_dir=tmp_path / "run", every=1,
+                                    config=ntkdyn.ProjectionConfig(kind="exact"), loss_fn=dpo_per_sample_loss)
+    cb.attach(trainer)
+    trainer.train()
+    check_rows(tmp_path / "run", [1, 2, 3, 4])

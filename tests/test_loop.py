@@ -1,0 +1,164 @@
+"""The training loop: one step against a hand-made AdamW step, schedule, data stream, curriculum,
+co-improvement and configuration errors."""
+
+import copy
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ntkdyn.models.toy import ToyAdapter
+from ntkdyn.track import main
+from ntkdyn.trainer.checkpoint import read_jsonl
+from ntkdyn.trainer.config import DataConfig, RunConfig, TrainConfig
+from ntkdyn.trainer.data import collect_candidates, stratified_prompts
+from ntkdyn.trainer.distributed import Dist
+from ntkdyn.trainer.loop import co_improvement, learning_rate, stream_indices, train
+from ntkdyn.trainer.losses import make_loss_fn, objective_terms
+
+
+def test_learning_rate_warmup_then_cosine():
+    cfg = TrainConfig(lr=0.01, warmup_steps=4, schedule="cosine")
+    lrs = [learning_rate(cfg, k, 20) for k in range(20)]
+    assert lrs[:4] == pytest.approx([0.01 * (k + 1) / 5 for k in range(4)])
+    assert lrs[4:] == pytest.approx([0.01 * 0.5 * (1 + math.cos(math.pi * (k - 4) / 16)) for k in range(4, 20)])
+    flat = TrainConfig(lr=0.01, warmup_steps=0, schedule="constant")
+    assert {learning_rate(flat, k, 7) for k in range(7)} == {0.01}
+
+
+def test_stream_covers_every_item_once_per_epoch():
+    size, batch = 7, 3
+    stream = torch.cat([stream_indices(size, batch, k, seed=0, round_index=1) for k in range(7)])  # 3 epochs
+    for e in range(3):
+        assert sorted(stream[e * size : (e + 1) * size].tolist()) == list(range(size))
+    assert not torch.equal(stream[:size], stream[size : 2 * size])  # reshuffled each epoch
+
+
+class Recorder:
+    """A hook recording what the loop hands to the tracker."""
+
+    def __init__(self, adapter):
+        self.adapter, self.calls = adapter, []
+
+    def before_step(self, step, model, loss_fn, batch):
+        assert self.adapter.model is model and isinstance(model, torch.nn.Module)
+        self.calls.append({"step": step, "before": copy.deepcopy(model.state_dict()), "batch": batch,
+                           "loss": loss_fn(model, batch).detach()})
+
+    def after_step(self, step, model, lr):
+        self.calls[-1].update(after=copy.deepcopy(model.state_dict()), lr=lr, after_step=step)
+
+
+def _cfg(tmp_path, **train):
+    t = dict(run="sft", max_steps=2, batch_size=6, micro_batch_size=2, warmup_steps=0, schedule="constant",
+             lr=0.05, weight_decay=0.1, grad_clip=0.05, checkpoint_every=1)
+    t.update(train)
+    return RunConfig(out=str(tmp_path), train=TrainConfig(**t),
+                     data=DataConfig(judge="none", prompts=6, candidates=2, gen_batch=3))
+
+
+def test_one_step_equals_a_hand_made_adamw_step_on_the_hook_batch(tmp_path):
+    adapter = ToyAdapter.tiny(seed=0)
+    reference = ToyAdapter.tiny(seed=0)
+    prompts = stratified_prompts(adapter.world, "train", 6, seed=0)
+    recorder = Recorder(adapter)
+    cfg = _cfg(tmp_path)
+    out = train(adapter, adapter.world, prompts, cfg, Dist(), lambda a: {"m": 1.0}, {"m": 0.0}, [recorder])
+    assert out == {"step": 2, "m": 1.0}
+    first = recorder.calls[0]
+    assert first["step"] == first["after_step"] == 1 and first["lr"] == 0.05
+    assert len(first["batch"]["prompts"]) == 6 and first["batch"]["replay_images"].shape[0] == 6
+
+    reference.model.load_state_dict(first["before"])
+    loss_fn = make_loss_fn(objective_terms(reference, "sft", replay_weight=1.0))
+    loss = loss_fn(reference.model, first["batch"]).mean()
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert rows[0]["loss"] == pytest.approx(first["loss"].mean().item(), rel=1e-5)
+    optimizer = torch.optim.AdamW(reference.model.parameters(), lr=0.05, weight_decay=0.1)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(reference.model.parameters(), 0.05)
+    assert rows[0]["grad_norm"] == pytest.approx(norm.item(), rel=1e-4) and norm > 0.05  # clipping was active
+    optimizer.step()
+    for name, value in reference.model.state_dict().items():
+        torch.testing.assert_close(first["after"][name], value, rtol=1e-4, atol=1e-6)
+    evals = read_jsonl(tmp_path / "eval.jsonl")
+    assert evals == [{"step": 0, "m": 0.0}, {"step": 2, "m": 1.0}]
+
+
+def test_curriculum_revisits_exactly_the_discard_pool(tmp_path):
+    adapter = ToyAdapter.tiny(seed=0)
+    prompts = stratified_prompts(adapter.world, "train", 12, seed=0)
+    probe = collect_candidates(ToyAdapter.tiny(seed=0), adapter.world, prompts, torch.arange(12), 3, 1.0, 4, 0, 0,
+                               Dist())
+    best = probe.p_yes.max(1).values.sort().values
+    threshold = float((best[5] + best[6]) / 2)  # half of the prompts get no accepted candidate in round 0
+    cfg = RunConfig(out=str(tmp_path), train=TrainConfig(run="curriculum", rounds=3, max_steps=6, batch_size=4,
+                                                         micro_batch_size=4, lr=0.01),
+                    data=DataConfig(judge="self", accept_threshold=threshold, prompts=12, candidates=3, gen_batch=4))
+    train(adapter, adapter.world, prompts, cfg, Dist(), lambda a: {}, {})
+    rows = read_jsonl(tmp_path / "data.jsonl")
+    assert [r["kind"] for r in rows] == ["collect", "curriculum", "curriculum"]
+    assert rows[0]["pool"] == 6 and rows[0]["prompts"] == 12
+    for prev, row in zip(rows, rows[1:], strict=False):
+        assert row["prompts"] == prev["pool"]  # the revisit is the previous discard pool
+        assert row["pool"] == row["prompts"] - row["added_prompts"]
+        assert row["data/size"] == prev["data/size"] + row["added_items"]
+    round0 = [json.loads(x) for x in (tmp_path / "data" / "round_0.jsonl").read_text().splitlines()]
+    round1 = [json.loads(x) for x in (tmp_path / "data" / "round_1.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in round1] == [r["prompt"] for r in round0 if r["discarded"]]
+    assert [r["step"] for r in rows] == [0, 2, 4]
+
+
+def test_co_improvement_counts_against_the_oracle():
+    class Judge:  # hand-built current judge: says yes when the first cell is non-empty
+        def judge(self, images, prompts):
+            p = (images[:, 0] > 0).float() * 0.8 + 0.1
+            return SimpleNamespace(p_yes=p, log_odds=torch.logit(p))
+
+    prompt = SimpleNamespace(text="a red circle")
+    cases = [(1, True, True), (0, True, True), (0, True, False), (0, True, False), (1, True, False),
+             (1, False, True), (0, False, False), (0, False, True)]  # (first cell, verdict then, oracle)
+    records = [SimpleNamespace(prompt=prompt, image=torch.tensor([c, 0, 0]), verdict=v, oracle=o)
+               for c, v, o in cases]
+    got = co_improvement(Judge(), records)
+    fp = [c for c in cases if c[1] and not c[2]]
+    tp = [c for c in cases if c[1] and c[2]]
+    fn = [c for c in cases if not c[1] and c[2]]
+    changed = [c for c in cases if bool(c[0]) != c[1]]
+    assert got["co/fp_rejected"] == pytest.approx(sum(c[0] == 0 for c in fp) / len(fp))
+    assert got["co/tp_kept"] == pytest.approx(sum(c[0] == 1 for c in tp) / len(tp))
+    assert got["co/fn_accepted"] == pytest.approx(sum(c[0] == 1 for c in fn) / len(fn))
+    assert got["co/und_win"] == pytest.approx(sum(bool(c[0]) == c[2] for c in changed) / len(changed))
+    assert got["co/judge_accuracy"] == pytest.approx(sum(bool(c[0]) == c[2] for c in cases) / len(cases))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--run", "dpo", "--beta", "0"], "beta"),
+        (["--run", "dpo", "--candidates", "1"], "candidates"),
+        (["--run", "ppo"], "invalid choice"),
+        (["--run", "dpo", "--judge", "none"], "judge"),
+        (["--run", "sft", "--lr", "-1"], "lr"),
+    ],
+)
+def test_bad_configs_fail_before_any_work(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(out), "--no-track"])
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_out_dir_holding_another_run_needs_resume(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(RunConfig(out=str(tmp_path)).to_dict()))
+    with pytest.raises(SystemExit):
+        main(["--run", "sft", "--out", str(tmp_path), "--no-track"])
+    assert "holds a run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--run", "sft", "--out", str(tmp_path), "--no-track", "--resume", "--beta", "0.2"])
+    assert "differ" in capsys.readouterr().err

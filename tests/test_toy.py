@@ -1,0 +1,123 @@
+"""ToyAdapter: padded batch measurements against an explicit one-token-at-a-time computation."""
+
+import numpy as np
+import pytest
+import torch
+
+from ntkdyn.models import load_adapter
+from ntkdyn.models.toy import ToyAdapter
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return ToyAdapter.tiny(seed=0)
+
+
+@pytest.fixture(scope="module")
+def batch(toy):
+    """Prompts of very different lengths (so the batch is padded) with true scenes."""
+    world = toy.world
+    prompts = [world.prompts("train", c)[0] for c in world.categories]
+    rng = np.random.default_rng(0)
+    images = torch.stack([world.sample_image(p, rng) for p in prompts])
+    return [p.text for p in prompts], images
+
+
+def next_token_logits(toy, sequence: list[int]) -> torch.Tensor:
+    """Logits [T, V] computed one token at a time with a KV cache, no padding, float64."""
+    model = toy.model.double()
+    cache, rows = None, []
+    with torch.no_grad():
+        for t, token in enumerate(sequence):
+            out = model(
+                input_ids=torch.tensor([[token]]),
+                position_ids=torch.tensor([[t]]),
+                cache=cache,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            rows.append(out.logits[0, -1])
+    toy.model.float()
+    return torch.stack(rows)
+
+
+def test_gen_logprob_matches_incremental(toy, batch):
+    texts, images = batch
+    got = toy.gen_logprob(texts, images)
+    for b, sequence in enumerate(toy.gen_sequences(texts, images)):
+        logits = next_token_logits(toy, sequence)
+        image_logp = torch.log_softmax(toy.image_logits(logits), -1)
+        L = toy.image_tokens
+        want = sum(image_logp[len(sequence) - L - 1 + i, images[b, i]] for i in range(L))
+        torch.testing.assert_close(got[b].double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_judge_matches_incremental(toy, batch):
+    texts, images = batch
+    got = toy.judge(images, texts)
+    for b, sequence in enumerate(toy.und_sequences(images, texts)):
+        last = next_token_logits(toy, sequence)[-1]
+        odds = last[toy.token_id["yes"]] - last[toy.token_id["no"]]
+        torch.testing.assert_close(got.log_odds[b].double(), odds, rtol=1e-4, atol=1e-4)
+        p_yes = torch.softmax(last[[toy.token_id["yes"], toy.token_id["no"]]], 0)[0]
+        torch.testing.assert_close(got.p_yes[b].double(), p_yes, rtol=1e-4, atol=1e-5)
+
+
+def test_caption_logprob_matches_incremental(toy, batch):
+    texts, images = batch
+    got = toy.caption_logprob(images, texts)
+    for b, sequence in enumerate(toy.caption_sequences(images, texts)):
+        logp = torch.log_softmax(next_token_logits(toy, sequence), -1)
+        words = toy.tokenize(texts[b])
+        start = len(sequence) - len(words)
+        want = sum(logp[start - 1 + i, w] for i, w in enumerate(words))
+        torch.testing.assert_close(got[b].double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_measurements_are_differentiable(toy, batch):
+    texts, images = batch
+    for name in ("gen", "und", "caption"):
+        toy.model.zero_grad()
+        toy.measurement(name)(toy.model, {"prompts": texts, "images": images}).sum().backward()
+        grads = [p.grad for p in toy.model.parameters()]
+        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    toy.model.zero_grad()
+
+
+def test_generate_samples_image_tokens_with_its_own_distribution(toy):
+    """Greedy generation equals the argmax of the incremental image-token distribution, and
+    sampled images are seeded and inside the codebook."""
+    texts = ["a red circle", "a red circle above a blue cross"]
+    greedy = toy.generate(texts, n=1, temperature=0.0)
+    for b, text in enumerate(texts):
+        sequence = toy.gen_sequences([text])[0]
+        for i in range(toy.image_tokens):
+            step = toy.image_logits(next_token_logits(toy, sequence)[-1]).argmax()
+            assert step == greedy[b, 0, i]
+            sequence = sequence + [int(step) + toy.image_offset]
+    a = toy.generate(texts, n=3, generator=torch.Generator().manual_seed(5))
+    b = toy.generate(texts, n=3, generator=torch.Generator().manual_seed(5))
+    assert a.shape == (2, 3, toy.image_tokens) and torch.equal(a, b)
+    assert a.min() >= 0 and a.max() < toy.codebook_size
+
+
+def test_decode_encode_and_save_load_roundtrip(toy, batch, tmp_path):
+    texts, images = batch
+    pixels = toy.decode(images)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (len(texts), *toy.world.image_size, 3)
+    assert torch.equal(toy.encode(pixels), images)
+    toy.save_pretrained(tmp_path)
+    loaded = load_adapter("toy", path=str(tmp_path))
+    torch.testing.assert_close(loaded.gen_logprob(texts, images), toy.gen_logprob(texts, images))
+    assert loaded.shared_parameter_names() == [n for n, _ in toy.model.named_parameters()]
+
+
+def test_bad_inputs_give_clear_errors(toy):
+    with pytest.raises(ValueError, match="not in the toy vocabulary"):
+        toy.gen_logprob(["a pink circle"], torch.zeros(1, toy.image_tokens, dtype=torch.long))
+    with pytest.raises(ValueError, match="images must be"):
+        toy.judge(torch.zeros(1, 5, dtype=torch.long), ["a red circle"])
+    with pytest.raises(ValueError, match="shape"):
+        toy.encode(torch.zeros(1, 10, 10, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="unknown model 'nope'.*toy-tiny"):
+        load_adapter("nope")
