@@ -92,9 +92,7 @@ def gap_metrics(records: Sequence[CandidateRecord], und_records: Sequence[Unders
         per_kind.setdefault(r.kind, []).append((r.p_yes > 0.5) == (r.kind == "positive"))
     negatives = [c for k, hits in per_kind.items() if k != "positive" for c in hits]
     positives = per_kind.get("positive", [])
-    und_accuracy = (
-        (np.mean(positives) + np.mean(negatives)) / 2 if positives and negatives else None
-    )
+    und_accuracy = (np.mean(positives) + np.mean(negatives)) / 2 if positives and negatives else None
     return {
         "non_unification": _rate(int((~v).sum()), len(v)),
         "weak_generation": _rate(int((~v & ~o).sum()), int((~v).sum())),
@@ -229,7 +227,9 @@ def format_table(metrics: dict) -> str:
     for name, m in [*metrics["per_category"].items(), ("overall", metrics)]:
         lines.append(f"{name:<18}" + "".join(f"{cell(m[k]):>11}" for k in columns))
     per_negative = metrics["und_accuracy_per_negative"]
-    lines.append("understanding accuracy per probe kind: " + ", ".join(f"{k} {v:.3f}" for k, v in per_negative.items()))
+    lines.append(
+        "understanding accuracy per probe kind: " + ", ".join(f"{k} {v:.3f}" for k, v in per_negative.items())
+    )
     return "\n".join(lines)
 
 
@@ -246,21 +246,26 @@ def generations_figure(adapter: UnifiedAdapter, records: Sequence[CandidateRecor
         first = rows.setdefault(r.prompt.category, [r])
         if r is not first[0] and r.prompt == first[0].prompt and len(first) < per_prompt:
             first.append(r)
-    fig, axes = plt.subplots(len(rows), per_prompt, figsize=(1.9 * per_prompt, 2.2 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), per_prompt, figsize=(1.9 * per_prompt, 2.2 * len(rows)), squeeze=False
+    )
     for ax in axes.flat:
         ax.axis("off")
     for i, row in enumerate(rows.values()):
         pixels = adapter.decode(torch.stack([r.image for r in row]))
-        axes[i, 0].text(-0.1, 0.5, row[0].prompt.text, transform=axes[i, 0].transAxes, ha="right", va="center")
+        axes[i, 0].text(
+            -0.1, 0.5, row[0].prompt.text, transform=axes[i, 0].transAxes, ha="right", va="center"
+        )
         for j, r in enumerate(row):
             ax = axes[i, j]
             ax.imshow(pixels[j].numpy())
             ax.axis("on")
             ax.set_xticks([])
             ax.set_yticks([])
+            verdict, oracle = ("yes" if x else "no" for x in (r.verdict, r.oracle))
             ok = "ok" if r.verdict == r.oracle else "WRONG"
             ax.set_title(
-                f"model {'yes' if r.verdict else 'no'} ({r.p_yes:.2f})\noracle {'yes' if r.oracle else 'no'} {ok}",
+                f"model {verdict} ({r.p_yes:.2f})\noracle {oracle} {ok}",
                 fontsize=7,
                 color="green" if r.verdict == r.oracle else "red",
             )
@@ -274,7 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m ntkdyn.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="toy", help=f"one of {', '.join(MODEL_NAMES)}")
-    parser.add_argument("--path", default=None, help="weights directory or hub id (janus, emu3, or a toy dir)")
+    parser.add_argument(
+        "--path", default=None, help="weights directory or hub id (janus, emu3, or a toy dir)"
+    )
     parser.add_argument("--num-prompts", type=int, default=8, help="eval prompts per category")
     parser.add_argument("--candidates", type=int, default=8, help="generations per prompt (N)")
     parser.add_argument("--und-pairs", type=int, default=4, help="true scenes per prompt for understanding")
@@ -306,8 +313,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     unparsed = sum(not r.parsed for r in result.records)
-    print(f"{args.model}: {len(prompts)} prompts x {args.candidates} candidates, {len(result.und_records)} "
-          f"understanding probes, {unparsed} unparseable generations")
+    print(
+        f"{args.model}: {len(prompts)} prompts x {args.candidates} candidates, {len(result.und_records)} "
+        f"understanding probes, {unparsed} unparseable generations"
+    )
     print(format_table(result.metrics))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -64,15 +64,28 @@ class PretrainConfig:
     hard_start: float = 0.2
     hard_end: float = 0.9
     hard_ramp: float = 0.4
-    threads: int = 2
+    threads: int = 1
 
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in ("seed", "world_seed", "warmup", "caption_batch") and value < 0:
                 raise ValueError(f"PretrainConfig.{f.name} must be >= 0 (got {value})")
-            if f.name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "steps", "gen_batch",
-                          "und_batch", "threads", "lr") and value <= 0:
+            if (
+                f.name
+                in (
+                    "hidden_size",
+                    "num_layers",
+                    "num_heads",
+                    "intermediate_size",
+                    "steps",
+                    "gen_batch",
+                    "und_batch",
+                    "threads",
+                    "lr",
+                )
+                and value <= 0
+            ):
                 raise ValueError(f"PretrainConfig.{f.name} must be > 0 (got {value})")
         for name in ("hard_start", "hard_end", "hard_ramp", "weight_decay"):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -133,16 +146,24 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[ToyAdapter,
     """
     torch.set_num_threads(config.threads)
     world = ShapesWorld(seed=config.world_seed)
-    adapter = ToyAdapter.build(world, seed=config.seed, hidden_size=config.hidden_size,
-                               num_layers=config.num_layers, num_heads=config.num_heads,
-                               intermediate_size=config.intermediate_size)
+    adapter = ToyAdapter.build(
+        world,
+        seed=config.seed,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        intermediate_size=config.intermediate_size,
+    )
     model = adapter.model
     model.train()
     sampler = TaskSampler(world, np.random.default_rng([config.seed, 1]))
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.98),
+    )
 
     def lr_factor(step: int) -> float:
         if step < config.warmup:
@@ -155,7 +176,8 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[ToyAdapter,
     bar = tqdm(range(config.steps), desc="pretrain toy", disable=not progress)
     for step in bar:
         hard = config.hard_start + (config.hard_end - config.hard_start) * min(
-            1.0, step / max(1, config.hard_ramp * config.steps))
+            1.0, step / max(1, config.hard_ramp * config.steps)
+        )
         gen_texts, gen_images = sampler.positives(config.gen_batch)
         und_texts, und_images, labels = sampler.understanding(config.und_batch, hard)
         gen_loss = -adapter.gen_logprob(gen_texts, gen_images).mean() / adapter.image_tokens
@@ -177,11 +199,16 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[ToyAdapter,
         sums += [gen_loss.item(), und_loss.item(), cap_loss.item(), und_acc.item()]
         if (step + 1) % 50 == 0 or step + 1 == config.steps:
             count = (step % 50) + 1
-            entry = dict(zip(("gen_loss", "und_loss", "caption_loss", "und_train_acc"), sums / count, strict=True))
+            entry = dict(
+                zip(("gen_loss", "und_loss", "caption_loss", "und_train_acc"), sums / count, strict=True)
+            )
             entry.update(step=step + 1, hard=hard, steps_per_s=(step + 1) / (time.perf_counter() - start))
             log.append(entry)
-            bar.set_postfix(gen=f"{entry['gen_loss']:.3f}", und=f"{entry['und_loss']:.3f}",
-                            acc=f"{entry['und_train_acc']:.2f}")
+            bar.set_postfix(
+                gen=f"{entry['gen_loss']:.3f}",
+                und=f"{entry['und_loss']:.3f}",
+                acc=f"{entry['und_train_acc']:.2f}",
+            )
             sums[:] = 0
     model.eval()
     return adapter, log

@@ -9,8 +9,9 @@
    kept in the run directory); 2. build the tracker (unless --no-track); 3. train (ntkdyn.trainer.loop);
 4. write ``summary.json``: ``before`` and ``after`` (the keys of ntkdyn.evaluate plus the co-improvement
    keys ``co/...``), ``delta``, ``co_degradation`` (both branches fell), and print a before/after table.
-Run directory: config.json, before.json, pretrained_records.jsonl, data/round_R.{safetensors,jsonl},
-metrics.jsonl, eval.jsonl, data.jsonl, checkpoint.pt, summary.json (+ the tracker's files).
+Run directory: config.json, pretrained/{before.json,records.jsonl}, data/round_R.{safetensors,jsonl},
+the logs metrics.jsonl, eval.jsonl, data.jsonl (every top-level *.jsonl is a log, cut back to the
+checkpoint on resume), checkpoint.pt, summary.json (+ the tracker's files, dynamics.jsonl among them).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def record_dict(r: CandidateRecord) -> dict:
-    """A judged generation as plain data (the form the tracker's probes and pretrained_records.jsonl use)."""
+    """A judged generation as plain data (the form of the tracker's probes and pretrained/records.jsonl)."""
     return {
         "prompt": r.prompt.text,
         "category": r.prompt.category,
@@ -96,11 +97,12 @@ def record_dict(r: CandidateRecord) -> dict:
 
 
 def pretrained_evaluation(adapter, world: ShapesWorld, eval_prompts, cfg: RunConfig, dist: Dist):
-    """(before metrics, the pre-trained model's judged generations as CandidateRecords), computed on rank 0
-    once and kept in the run directory (before.json, pretrained_records.jsonl) for a resumed run."""
-    run_dir = Path(cfg.out)
-    before_path, records_path = run_dir / "before.json", run_dir / "pretrained_records.jsonl"
+    """(before metrics, the pre-trained model's judged generations as CandidateRecords): computed on
+    rank 0 once, kept in the run directory (pretrained/before.json, pretrained/records.jsonl) for resuming."""
+    folder = Path(cfg.out) / "pretrained"  # not a top-level *.jsonl: those are logs, cut back on resume
+    before_path, records_path = folder / "before.json", folder / "records.jsonl"
     if dist.is_main and not (cfg.resume and before_path.exists() and records_path.exists()):
+        folder.mkdir(parents=True, exist_ok=True)
         result = evaluate(
             adapter, world, eval_prompts, candidates=cfg.eval.eval_candidates, seed=cfg.train.seed
         )

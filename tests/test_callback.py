@@ -75,7 +75,7 @@ def lm_per_sample_loss(model, inputs):
     return ce.sum(1) * labels.shape[0] / (labels != -100).sum()
 
 
-def check_rows(out_dir, steps):
+def check_rows(out_dir, steps, sgd_tol=1e-3):
     rows = read_jsonl(out_dir / "dynamics.jsonl")
     probe_rows = [r for r in rows if r["kind"] == "probe"]
     assert sorted({r["step"] for r in rows}) == steps
@@ -87,7 +87,7 @@ def check_rows(out_dir, steps):
     scale = predicted.abs().max()
     assert scale > 0
     # SGD: the kernel form of the captured batches is the jvp along the real update
-    torch.testing.assert_close(sgd, predicted, atol=1e-3 * scale, rtol=1e-3)
+    torch.testing.assert_close(sgd, predicted, atol=sgd_tol * scale, rtol=sgd_tol)
     # exact features: <phi, delta> is the jvp
     torch.testing.assert_close(features, predicted, atol=1e-4 * scale, rtol=1e-4)
     # first order agrees with the observed change
@@ -168,4 +168,7 @@ def test_callback_in_trl_dpo_trainer(tmp_path):
                                     config=ntkdyn.ProjectionConfig(kind="exact"), loss_fn=dpo_per_sample_loss)
     cb.attach(trainer)
     trainer.train()
-    check_rows(tmp_path / "run", [1, 2, 3, 4])
+    # DPOConfig trains under bf16 autocast by default: the real update is the bf16 gradient, the kernel
+    # form uses fp32 features, hence the looser tolerance; probes are measured in fp32 regardless
+    assert args.bf16
+    check_rows(tmp_path / "run", [1, 2, 3, 4], sgd_tol=0.02)

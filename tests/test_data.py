@@ -105,14 +105,28 @@ def test_collect_and_build_on_a_hand_built_judge(tmp_path):
     dpo = build_train_set(adapter, cands, selection, prompts, "dpo", 4, Dist())
     for i, (r, c, j) in enumerate(selection.pairs.tolist()):
         assert dpo.prompts[i] == prompts[r].text
-        assert torch.equal(dpo.images[i], cands.images[r, c]) and torch.equal(dpo.rejected[i], cands.images[r, j])
+        assert torch.equal(dpo.images[i], cands.images[r, c]) and torch.equal(
+            dpo.rejected[i], cands.images[r, j]
+        )
         assert dpo.ref_chosen[i].item() == -cands.images[r, c].sum().item()
         assert dpo.oracle_chosen[i].item() == cands.oracle[r, c].item()
     oracle_sel = select(cands.p_yes, accepted_mask(cands, "oracle"), 0.0, 0.0)
     oracle_sft = build_train_set(adapter, cands, oracle_sel, prompts, "sft", 4, Dist())
     assert oracle_sft.oracle_chosen.all() and len(oracle_sft) == int(cands.oracle.sum())
-    assert len(build_train_set(adapter, cands, select(cands.p_yes, accepted_mask(cands, "none"), 0, 0), prompts,
-                               "sft", 4, Dist())) == 40
+    assert (
+        len(
+            build_train_set(
+                adapter,
+                cands,
+                select(cands.p_yes, accepted_mask(cands, "none"), 0, 0),
+                prompts,
+                "sft",
+                4,
+                Dist(),
+            )
+        )
+        == 40
+    )
     pool = torch.arange(10)[selection.discard]
     path = save_round(tmp_path, 0, prompts, cands, accepted, selection, dpo, pool, {"round": 0})
     loaded, loaded_pool, info = load_round(path)
@@ -123,9 +137,12 @@ def test_collect_and_build_on_a_hand_built_judge(tmp_path):
 
 
 def test_accepted_mask_of_each_judge():
-    cands = Candidates(torch.arange(2), torch.zeros(2, 3, 9, dtype=torch.long),
-                       torch.tensor([[0.2, 0.6, 0.51], [0.9, 0.5, 0.1]]),
-                       torch.tensor([[True, False, False], [True, True, False]]))
+    cands = Candidates(
+        torch.arange(2),
+        torch.zeros(2, 3, 9, dtype=torch.long),
+        torch.tensor([[0.2, 0.6, 0.51], [0.9, 0.5, 0.1]]),
+        torch.tensor([[True, False, False], [True, True, False]]),
+    )
     assert accepted_mask(cands, "self").tolist() == [[False, True, True], [True, False, False]]
     assert accepted_mask(cands, "self", 0.55).tolist() == [[False, True, False], [True, False, False]]
     assert torch.equal(accepted_mask(cands, "oracle"), cands.oracle)
@@ -137,8 +154,9 @@ def test_replay_batch_labels_are_the_oracle_and_balanced():
     prompts = stratified_prompts(world, "train", 30, seed=0)
     batch = replay_batch(world, prompts, 16, seed=0, step=3)
     by_text = {p.text: p for p in prompts}
-    for image, text, label in zip(batch["replay_images"], batch["replay_prompts"], batch["replay_labels"],
-                                  strict=True):
+    for image, text, label in zip(
+        batch["replay_images"], batch["replay_prompts"], batch["replay_labels"], strict=True
+    ):
         assert bool(label) == world.oracle(by_text[text], image)
     assert batch["replay_labels"].tolist() == [True, False] * 8
     again = replay_batch(world, prompts, 16, seed=0, step=3)

@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from ntkdyn import GradientProjector, ProjectionConfig
 from ntkdyn.models.emu3 import Emu3Adapter
 
-PROMPTS = ["a red circle", "two blue squares left of a yellow star", "one cross"]  # 3 prompt lengths
+PROMPTS = ["two blue squares left of a yellow star", "one cross"]  # a padded batch: 2 lengths
 TOL = dict(rtol=1e-4, atol=1e-4)
 UND = "You are a helpful assistant. USER: <image>{question} ASSISTANT:"
 
@@ -22,7 +23,12 @@ def adapter() -> Emu3Adapter:
 
 @pytest.fixture(scope="module")
 def pixels(adapter) -> torch.Tensor:
-    codes = torch.randint(0, adapter.codebook_size, (len(PROMPTS), adapter.image_tokens), generator=torch.Generator().manual_seed(1))
+    codes = torch.randint(
+        0,
+        adapter.codebook_size,
+        (len(PROMPTS), adapter.image_tokens),
+        generator=torch.Generator().manual_seed(1),
+    )
     return adapter.decode(codes)
 
 
@@ -31,7 +37,9 @@ def images(adapter, pixels) -> torch.Tensor:
     return adapter.encode(pixels)
 
 
-def official_logits(adapter: Emu3Adapter, pixels: torch.Tensor, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+def official_logits(
+    adapter: Emu3Adapter, pixels: torch.Tensor, text: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One sample through Emu3Processor and the model's own pixel path: (input_ids [T], logits [T, V])."""
     inputs = adapter.processor(text=[text], images=[pixels.numpy()], return_tensors="pt")
     with torch.no_grad():
@@ -40,9 +48,9 @@ def official_logits(adapter: Emu3Adapter, pixels: torch.Tensor, text: str) -> tu
 
 def generation_ids(adapter: Emu3Adapter, prompt: str) -> torch.Tensor:
     area = adapter.image_size * adapter.image_size
-    return adapter.processor(text=[prompt], return_for_image_generation=True, image_area=area, return_tensors="pt")[
-        "input_ids"
-    ]
+    return adapter.processor(
+        text=[prompt], return_for_image_generation=True, image_area=area, return_tensors="pt"
+    )["input_ids"]
 
 
 class Decoder:
@@ -76,19 +84,23 @@ def test_gen_logprob_matches_incremental_decoding(adapter, images):
 
 
 def test_judge_on_encoded_pixels_matches_official_pixel_path(adapter, pixels, images):
-    got = adapter.judge(images, PROMPTS)
+    got = adapter.judge(images, PROMPTS[:1])
     yes = adapter.tokenizer.encode(" yes", add_special_tokens=False)[0]
     no = adapter.tokenizer.encode(" no", add_special_tokens=False)[0]
     for b, prompt in enumerate(PROMPTS):
-        _, logits = official_logits(adapter, pixels[b], UND.format(question=f"Does this image describe {prompt}?"))
+        _, logits = official_logits(
+            adapter, pixels[b], UND.format(question=f"Does this image describe {prompt}?")
+        )
         torch.testing.assert_close(got.log_odds[b].detach(), logits[-1, yes] - logits[-1, no], **TOL)
         torch.testing.assert_close(got.p_yes[b].detach(), torch.softmax(logits[-1, [yes, no]], -1)[0], **TOL)
 
 
 def test_caption_logprob_matches_token_by_token(adapter, pixels, images):
-    got = adapter.caption_logprob(images, PROMPTS)
+    got = adapter.caption_logprob(images, PROMPTS[:1])
     for b, prompt in enumerate(PROMPTS):
-        ids, logits = official_logits(adapter, pixels[b], UND.format(question="Describe the image.") + f" {prompt}")
+        ids, logits = official_logits(
+            adapter, pixels[b], UND.format(question="Describe the image.") + f" {prompt}"
+        )
         n = len(adapter.tokenizer.encode(" " + prompt, add_special_tokens=False))
         expected = sum(torch.log_softmax(logits[t - 1], -1)[ids[t]] for t in range(len(ids) - n, len(ids)))
         torch.testing.assert_close(got[b].detach(), expected, **TOL)
@@ -96,10 +108,10 @@ def test_caption_logprob_matches_token_by_token(adapter, pixels, images):
 
 def test_generate_shape_range_and_seed(adapter):
     def sample(seed: int) -> torch.Tensor:
-        return adapter.generate(PROMPTS[:2], n=3, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+        return adapter.generate(PROMPTS, n=2, temperature=1.0, generator=torch.Generator().manual_seed(seed))
 
     codes = sample(0)
-    assert codes.shape == (2, 3, adapter.image_tokens) and codes.dtype == torch.long
+    assert codes.shape == (2, 2, adapter.image_tokens) and codes.dtype == torch.long
     assert codes.min() >= 0 and codes.max() < adapter.codebook_size
     assert torch.equal(codes, sample(0))
     assert not torch.equal(codes, sample(1))
@@ -114,10 +126,15 @@ def test_greedy_guided_generate_matches_per_prompt_decoding(adapter):
     eol = adapter.model.vocabulary_mapping.eol_token_id
     grid = adapter.image_size // 8
     for prompt, codes in zip(PROMPTS, got, strict=True):
-        cond, uncond = Decoder(adapter, generation_ids(adapter, prompt)), Decoder(adapter, generation_ids(adapter, ""))
+        cond, uncond = (
+            Decoder(adapter, generation_ids(adapter, prompt)),
+            Decoder(adapter, generation_ids(adapter, "")),
+        )
         expected = []
         for i in range(adapter.image_tokens):
-            guided = uncond.logits[visual] + adapter.guidance_scale * (cond.logits[visual] - uncond.logits[visual])
+            guided = uncond.logits[visual] + adapter.guidance_scale * (
+                cond.logits[visual] - uncond.logits[visual]
+            )
             expected.append(int(guided.argmax()))
             tokens = [img2bpe[expected[-1]], *([eol] if (i + 1) % grid == 0 else [])]
             for decoder in (cond, uncond):
@@ -146,16 +163,39 @@ def test_measurement_gradients_on_shared_parameters_only(adapter, images, name):
         assert torch.isfinite(g).all() and g.abs().sum() > 0, n
 
 
+@pytest.mark.parametrize("name", ["gen", "und", "caption"])
+def test_projector_accepts_measurements(adapter, images, name):
+    """With k above every axis size the Kronecker features are the exact per-sample gradients on
+    the shared parameters: their Gram matrix must equal the one from per-sample autograd."""
+    shared = adapter.shared_parameter_names()
+    projector = GradientProjector(
+        adapter.model, ProjectionConfig(kind="kronecker", k=1024, include=tuple(shared))
+    )
+    assert set(projector.tracked_parameters()) == set(shared)
+    fn, batch = adapter.measurement(name), {"prompts": PROMPTS, "images": images}
+    features = projector.per_sample(fn, batch)
+    params = list(projector.tracked_parameters().values())
+    assert features.shape == (len(PROMPTS), sum(p.numel() for p in params))
+    assert torch.isfinite(features).all()
+    grads = torch.stack(
+        [
+            torch.cat([g.flatten() for g in torch.autograd.grad(fn(adapter.model, batch)[b], params)])
+            for b in range(len(PROMPTS))
+        ]
+    )
+    torch.testing.assert_close(features @ features.T, grads @ grads.T, rtol=1e-4, atol=1e-4)
+
+
 def test_end_to_end_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from ntkdyn.models import load_adapter
 
     adapter = load_adapter("emu3-tiny", seed=3)
-    codes = adapter.generate(PROMPTS[:2], n=2, generator=torch.Generator().manual_seed(0))
+    codes = adapter.generate(PROMPTS, n=2, generator=torch.Generator().manual_seed(0))
     flat = codes.flatten(0, 1)
     pixels = adapter.decode(flat)
     assert pixels.shape == (4, adapter.image_size, adapter.image_size, 3)
-    verdict = adapter.judge(adapter.encode(pixels), [p for p in PROMPTS[:2] for _ in range(2)])
+    verdict = adapter.judge(adapter.encode(pixels), [p for p in PROMPTS for _ in range(2)])
     assert verdict.p_yes.shape == (4,) and ((verdict.p_yes > 0) & (verdict.p_yes < 1)).all()
 
 
@@ -163,7 +203,7 @@ def test_bad_inputs_get_clear_errors(adapter, images):
     with pytest.raises(ValueError, match="image_size"):
         adapter.encode(torch.zeros(1, adapter.image_size + 8, adapter.image_size + 8, 3, dtype=torch.uint8))
     with pytest.raises(ValueError, match="one prompt per image"):
-        adapter.caption_logprob(images, PROMPTS[:2])
+        adapter.caption_logprob(images, PROMPTS[:1])
     with pytest.raises(ValueError, match="lie in"):
         adapter.gen_logprob(PROMPTS, images - adapter.codebook_size)
     with pytest.raises(ValueError, match="non-empty"):

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from ntkdyn import GradientProjector, ProjectionConfig
 from ntkdyn.models.janus import JanusAdapter
 
-PROMPTS = ["a red circle", "two blue squares left of a yellow star", "one cross"]  # 3 prompt lengths
+PROMPTS = ["two blue squares left of a yellow star", "one cross"]  # a padded batch: 2 lengths
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
@@ -24,13 +25,24 @@ def adapter() -> JanusAdapter:
 
 @pytest.fixture(scope="module")
 def images(adapter) -> torch.Tensor:
-    return torch.randint(0, adapter.codebook_size, (len(PROMPTS), adapter.image_tokens), generator=torch.Generator().manual_seed(1))
+    return torch.randint(
+        0,
+        adapter.codebook_size,
+        (len(PROMPTS), adapter.image_tokens),
+        generator=torch.Generator().manual_seed(1),
+    )
 
 
-def understanding_logits(adapter: JanusAdapter, codes: torch.Tensor, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+@pytest.fixture(scope="module")
+def pixels(adapter, images) -> torch.Tensor:
+    return adapter.decode(images)
+
+
+def understanding_logits(
+    adapter: JanusAdapter, pixels: torch.Tensor, text: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Unpadded forward of one sample laid out by JanusProcessor: (input_ids [T], logits [T, V])."""
-    pixels = adapter.decode(codes.view(1, -1))[0].numpy()
-    inputs = adapter.processor(text=[text], images=[pixels], return_tensors="pt")
+    inputs = adapter.processor(text=[text], images=[pixels.numpy()], return_tensors="pt")
     with torch.no_grad():
         return inputs["input_ids"][0], adapter.model(**inputs).logits[0]
 
@@ -54,23 +66,23 @@ def test_gen_logprob_matches_incremental_decoding(adapter, images):
         torch.testing.assert_close(value.detach(), expected, **TOL)
 
 
-def test_judge_log_odds_match_unpadded_forward(adapter, images):
-    got = adapter.judge(images, PROMPTS)
+def test_judge_log_odds_match_unpadded_forward(adapter, images, pixels):
+    got = adapter.judge(images, PROMPTS[:1])
     yes = adapter.tokenizer.encode(" yes", add_special_tokens=False)[0]
     no = adapter.tokenizer.encode(" no", add_special_tokens=False)[0]
     for b, prompt in enumerate(PROMPTS):
         text = f"<|User|>: <image_placeholder>\nDoes this image describe {prompt}?\n\n<|Assistant|>:"
-        _, logits = understanding_logits(adapter, images[b], text)
+        _, logits = understanding_logits(adapter, pixels[b], text)
         expected = logits[-1, yes] - logits[-1, no]
         torch.testing.assert_close(got.log_odds[b].detach(), expected, **TOL)
         torch.testing.assert_close(got.p_yes[b].detach(), torch.softmax(logits[-1, [yes, no]], -1)[0], **TOL)
 
 
-def test_caption_logprob_matches_token_by_token(adapter, images):
-    got = adapter.caption_logprob(images, PROMPTS)
+def test_caption_logprob_matches_token_by_token(adapter, images, pixels):
+    got = adapter.caption_logprob(images, PROMPTS[:1])
     for b, prompt in enumerate(PROMPTS):
         text = f"<|User|>: <image_placeholder>\nDescribe the image.\n\n<|Assistant|>: {prompt}"
-        ids, logits = understanding_logits(adapter, images[b], text)
+        ids, logits = understanding_logits(adapter, pixels[b], text)
         n = len(adapter.tokenizer.encode(" " + prompt, add_special_tokens=False))
         expected = sum(torch.log_softmax(logits[t - 1], -1)[ids[t]] for t in range(len(ids) - n, len(ids)))
         torch.testing.assert_close(got[b].detach(), expected, **TOL)
@@ -78,10 +90,10 @@ def test_caption_logprob_matches_token_by_token(adapter, images):
 
 def test_generate_shape_range_and_seed(adapter):
     def sample(seed: int) -> torch.Tensor:
-        return adapter.generate(PROMPTS[:2], n=3, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+        return adapter.generate(PROMPTS, n=2, temperature=1.0, generator=torch.Generator().manual_seed(seed))
 
     codes = sample(0)
-    assert codes.shape == (2, 3, adapter.image_tokens) and codes.dtype == torch.long
+    assert codes.shape == (2, 2, adapter.image_tokens) and codes.dtype == torch.long
     assert codes.min() >= 0 and codes.max() < adapter.codebook_size
     assert torch.equal(codes, sample(0))
     assert not torch.equal(codes, sample(1))
@@ -101,8 +113,7 @@ def test_greedy_guided_generate_matches_transformers(adapter):
         assert torch.equal(codes, expected[0])
 
 
-def test_decode_and_encode(adapter, images):
-    pixels = adapter.decode(images)
+def test_decode_and_encode(adapter, images, pixels):
     assert pixels.shape == (len(PROMPTS), adapter.image_size, adapter.image_size, 3)
     assert pixels.dtype == torch.uint8 and pixels.float().std() > 0
     codes = adapter.encode(pixels)
@@ -112,7 +123,10 @@ def test_decode_and_encode(adapter, images):
     x = torch.as_tensor(pixels, dtype=torch.float64).permute(0, 3, 1, 2) / 127.5 - 1.0
     with torch.no_grad():
         z = vq.quant_conv(vq.encoder(x)).permute(0, 2, 3, 1).reshape(len(PROMPTS), adapter.image_tokens, -1)
-        cos = nn.functional.normalize(z, dim=-1) @ nn.functional.normalize(vq.quantize.embedding.weight, dim=-1).T
+        cos = (
+            nn.functional.normalize(z, dim=-1)
+            @ nn.functional.normalize(vq.quantize.embedding.weight, dim=-1).T
+        )
     assert torch.equal(codes, cos.argmax(-1))
 
 
@@ -129,16 +143,39 @@ def test_measurement_gradients_on_shared_parameters_only(adapter, images, name):
         assert torch.isfinite(g).all() and g.abs().sum() > 0, n
 
 
+@pytest.mark.parametrize("name", ["gen", "und", "caption"])
+def test_projector_accepts_measurements(adapter, images, name):
+    """With k above every axis size the Kronecker features are the exact per-sample gradients on
+    the shared parameters: their Gram matrix must equal the one from per-sample autograd."""
+    shared = adapter.shared_parameter_names()
+    projector = GradientProjector(
+        adapter.model, ProjectionConfig(kind="kronecker", k=1024, include=tuple(shared))
+    )
+    assert set(projector.tracked_parameters()) == set(shared)
+    fn, batch = adapter.measurement(name), {"prompts": PROMPTS, "images": images}
+    features = projector.per_sample(fn, batch)
+    params = list(projector.tracked_parameters().values())
+    assert features.shape == (len(PROMPTS), sum(p.numel() for p in params))
+    assert torch.isfinite(features).all()
+    grads = torch.stack(
+        [
+            torch.cat([g.flatten() for g in torch.autograd.grad(fn(adapter.model, batch)[b], params)])
+            for b in range(len(PROMPTS))
+        ]
+    )
+    torch.testing.assert_close(features @ features.T, grads @ grads.T, rtol=1e-4, atol=1e-4)
+
+
 def test_end_to_end_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from ntkdyn.models import load_adapter
 
     adapter = load_adapter("janus-tiny", seed=3)
-    codes = adapter.generate(PROMPTS[:2], n=2, generator=torch.Generator().manual_seed(0))
+    codes = adapter.generate(PROMPTS, n=2, generator=torch.Generator().manual_seed(0))
     flat = codes.flatten(0, 1)
     pixels = adapter.decode(flat)
     assert pixels.shape == (4, adapter.image_size, adapter.image_size, 3)
-    verdict = adapter.judge(flat, [p for p in PROMPTS[:2] for _ in range(2)])
+    verdict = adapter.judge(flat, [p for p in PROMPTS for _ in range(2)])
     assert verdict.p_yes.shape == (4,) and ((verdict.p_yes > 0) & (verdict.p_yes < 1)).all()
 
 
@@ -146,7 +183,7 @@ def test_bad_inputs_get_clear_errors(adapter, images):
     with pytest.raises(ValueError, match="image_size"):
         adapter.encode(torch.zeros(1, adapter.image_size + 8, adapter.image_size + 8, 3, dtype=torch.uint8))
     with pytest.raises(ValueError, match="one prompt per image"):
-        adapter.judge(images, PROMPTS[:2])
+        adapter.judge(images, PROMPTS[:1])
     with pytest.raises(ValueError, match="lie in"):
         adapter.gen_logprob(PROMPTS, images + adapter.codebook_size)
     with pytest.raises(ValueError, match="LongTensor"):

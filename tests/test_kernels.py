@@ -47,7 +47,9 @@ def make_inputs(shape, dtype, seed=0):
 def test_reference_matches_token_loop(shape):
     x, y, px, py, mask = make_inputs(shape, torch.float32)
     expected = token_loop_float64(x, y, px, py, mask)
-    torch.testing.assert_close(kron_projection_reference(x, y, px, py, mask).double(), expected, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(
+        kron_projection_reference(x, y, px, py, mask).double(), expected, rtol=1e-5, atol=1e-3
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -23,7 +23,9 @@ def test_learning_rate_warmup_then_cosine():
     cfg = TrainConfig(lr=0.01, warmup_steps=4, schedule="cosine")
     lrs = [learning_rate(cfg, k, 20) for k in range(20)]
     assert lrs[:4] == pytest.approx([0.01 * (k + 1) / 5 for k in range(4)])
-    assert lrs[4:] == pytest.approx([0.01 * 0.5 * (1 + math.cos(math.pi * (k - 4) / 16)) for k in range(4, 20)])
+    assert lrs[4:] == pytest.approx(
+        [0.01 * 0.5 * (1 + math.cos(math.pi * (k - 4) / 16)) for k in range(4, 20)]
+    )
     flat = TrainConfig(lr=0.01, warmup_steps=0, schedule="constant")
     assert {learning_rate(flat, k, 7) for k in range(7)} == {0.01}
 
@@ -44,19 +46,38 @@ class Recorder:
 
     def before_step(self, step, model, loss_fn, batch):
         assert self.adapter.model is model and isinstance(model, torch.nn.Module)
-        self.calls.append({"step": step, "before": copy.deepcopy(model.state_dict()), "batch": batch,
-                           "loss": loss_fn(model, batch).detach()})
+        self.calls.append(
+            {
+                "step": step,
+                "before": copy.deepcopy(model.state_dict()),
+                "batch": batch,
+                "loss": loss_fn(model, batch).detach(),
+            }
+        )
 
     def after_step(self, step, model, lr):
         self.calls[-1].update(after=copy.deepcopy(model.state_dict()), lr=lr, after_step=step)
 
 
 def _cfg(tmp_path, **train):
-    t = dict(run="sft", max_steps=2, batch_size=6, micro_batch_size=2, warmup_steps=0, schedule="constant",
-             lr=0.05, weight_decay=0.1, grad_clip=0.05, checkpoint_every=1)
+    t = dict(
+        run="sft",
+        max_steps=2,
+        batch_size=6,
+        micro_batch_size=2,
+        warmup_steps=0,
+        schedule="constant",
+        lr=0.05,
+        weight_decay=0.1,
+        grad_clip=0.05,
+        checkpoint_every=1,
+    )
     t.update(train)
-    return RunConfig(out=str(tmp_path), train=TrainConfig(**t),
-                     data=DataConfig(judge="none", prompts=6, candidates=2, gen_batch=3))
+    return RunConfig(
+        out=str(tmp_path),
+        train=TrainConfig(**t),
+        data=DataConfig(judge="none", prompts=6, candidates=2, gen_batch=3),
+    )
 
 
 def test_one_step_equals_a_hand_made_adamw_step_on_the_hook_batch(tmp_path):
@@ -83,8 +104,12 @@ def test_one_step_equals_a_hand_made_adamw_step_on_the_hook_batch(tmp_path):
     norm = torch.nn.utils.clip_grad_norm_(reference.model.parameters(), 0.05)
     assert rows[0]["grad_norm"] == pytest.approx(norm.item(), rel=1e-4) and norm > 0.05  # clipping was active
     optimizer.step()
+    # Adam's first update is about lr * sign(grad): entries whose gradient is ~eps amplify float noise,
+    # so updates are compared to 2% of lr (a wrong step, clip or batch moves entries by ~lr)
     for name, value in reference.model.state_dict().items():
-        torch.testing.assert_close(first["after"][name], value, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(first["after"][name], value, rtol=0, atol=0.02 * 0.05)
+    moved = max((first["after"][n] - first["before"][n]).abs().max().item() for n in first["before"])
+    assert moved > 0.04
     evals = read_jsonl(tmp_path / "eval.jsonl")
     assert evals == [{"step": 0, "m": 0.0}, {"step": 2, "m": 1.0}]
 
@@ -92,13 +117,16 @@ def test_one_step_equals_a_hand_made_adamw_step_on_the_hook_batch(tmp_path):
 def test_curriculum_revisits_exactly_the_discard_pool(tmp_path):
     adapter = ToyAdapter.tiny(seed=0)
     prompts = stratified_prompts(adapter.world, "train", 12, seed=0)
-    probe = collect_candidates(ToyAdapter.tiny(seed=0), adapter.world, prompts, torch.arange(12), 3, 1.0, 4, 0, 0,
-                               Dist())
+    probe = collect_candidates(
+        ToyAdapter.tiny(seed=0), adapter.world, prompts, torch.arange(12), 3, 1.0, 4, 0, 0, Dist()
+    )
     best = probe.p_yes.max(1).values.sort().values
     threshold = float((best[5] + best[6]) / 2)  # half of the prompts get no accepted candidate in round 0
-    cfg = RunConfig(out=str(tmp_path), train=TrainConfig(run="curriculum", rounds=3, max_steps=6, batch_size=4,
-                                                         micro_batch_size=4, lr=0.01),
-                    data=DataConfig(judge="self", accept_threshold=threshold, prompts=12, candidates=3, gen_batch=4))
+    cfg = RunConfig(
+        out=str(tmp_path),
+        train=TrainConfig(run="curriculum", rounds=3, max_steps=6, batch_size=4, micro_batch_size=4, lr=0.01),
+        data=DataConfig(judge="self", accept_threshold=threshold, prompts=12, candidates=3, gen_batch=4),
+    )
     train(adapter, adapter.world, prompts, cfg, Dist(), lambda a: {}, {})
     rows = read_jsonl(tmp_path / "data.jsonl")
     assert [r["kind"] for r in rows] == ["collect", "curriculum", "curriculum"]
@@ -120,10 +148,20 @@ def test_co_improvement_counts_against_the_oracle():
             return SimpleNamespace(p_yes=p, log_odds=torch.logit(p))
 
     prompt = SimpleNamespace(text="a red circle")
-    cases = [(1, True, True), (0, True, True), (0, True, False), (0, True, False), (1, True, False),
-             (1, False, True), (0, False, False), (0, False, True)]  # (first cell, verdict then, oracle)
-    records = [SimpleNamespace(prompt=prompt, image=torch.tensor([c, 0, 0]), verdict=v, oracle=o)
-               for c, v, o in cases]
+    cases = [
+        (1, True, True),
+        (0, True, True),
+        (0, True, False),
+        (0, True, False),
+        (1, True, False),
+        (1, False, True),
+        (0, False, False),
+        (0, False, True),
+    ]  # (first cell, verdict then, oracle)
+    records = [
+        SimpleNamespace(prompt=prompt, image=torch.tensor([c, 0, 0]), verdict=v, oracle=o)
+        for c, v, o in cases
+    ]
     got = co_improvement(Judge(), records)
     fp = [c for c in cases if c[1] and not c[2]]
     tp = [c for c in cases if c[1] and c[2]]

@@ -56,7 +56,9 @@ def test_dpo_objective_per_sample_against_an_explicit_loop():
         lp_c = adapter.gen_logprob(y, batch["images"][b : b + 1]).double().item()
         lp_r = adapter.gen_logprob(y, batch["rejected"][b : b + 1]).double().item()
         z = beta * ((lp_c - batch["ref_chosen"][b].item()) - (lp_r - batch["ref_rejected"][b].item()))
-        log_odds = adapter.judge(batch["replay_images"][b : b + 1], batch["replay_prompts"][b : b + 1]).log_odds
+        log_odds = adapter.judge(
+            batch["replay_images"][b : b + 1], batch["replay_prompts"][b : b + 1]
+        ).log_odds
         p_yes = torch.sigmoid(log_odds.double()).item()
         bce = -math.log(p_yes) if batch["replay_labels"][b] else -math.log(1 - p_yes)
         want = math.log1p(math.exp(-z)) + nll * (-lp_c / L) + replay * bce

@@ -49,13 +49,14 @@ def last_token_entropy(model, batch):
 
 @pytest.fixture(scope="module")
 def reference(llama):
-    """float64 exact_ntk of (lm_logprob on batch_a) x (batch_a + last_token_entropy on batch_b)."""
+    """float64 exact_ntk blocks of lm_logprob on batch_a and last_token_entropy on batch_b."""
     batch_a, batch_b = make_batch(6, 12, seed=1), make_batch(4, 12, seed=2)
     model64 = LlamaForCausalLM(llama.config).double().eval()
     model64.load_state_dict(llama.state_dict())
     aa = exact_ntk(model64, lm_logprob, batch_a)
     ab = exact_ntk(model64, lm_logprob, batch_a, last_token_entropy, batch_b)
-    return batch_a, batch_b, aa, ab
+    bb = exact_ntk(model64, last_token_entropy, batch_b)
+    return batch_a, batch_b, aa, ab, bb
 
 
 def relative_error(estimate, exact):
@@ -84,7 +85,7 @@ def test_exact_ntk_matches_torch_func_jacobian():
 
 
 def test_exact_kind_reproduces_exact_ntk(llama, reference):
-    batch_a, batch_b, aa, ab = reference
+    batch_a, batch_b, aa, ab, _ = reference
     config = ProjectionConfig(kind="exact")
     assert relative_error(empirical_ntk(llama, lm_logprob, batch_a, config=config), aa) < 1e-5
     cross = empirical_ntk(llama, lm_logprob, batch_a, last_token_entropy, batch_b, config=config)
@@ -93,20 +94,26 @@ def test_exact_kind_reproduces_exact_ntk(llama, reference):
 
 
 def test_default_projection_error_at_most_0_1(llama, reference):
-    batch_a, batch_b, aa, ab = reference
+    """Relative Frobenius error <= 0.1 on K_aa. The cross block of two unrelated measurements has tiny
+    cosines (~0.01 here), so its error is checked on the cosine scale: |K_ab - K^_ab| / |g_a||g_b|."""
+    batch_a, batch_b, aa, ab, bb = reference
     config = ProjectionConfig()
     assert config.kind == "kronecker" and config.k == 64
     assert relative_error(empirical_ntk(llama, lm_logprob, batch_a, config=config), aa) <= 0.1
     cross = empirical_ntk(llama, lm_logprob, batch_a, last_token_entropy, batch_b, config=config)
-    assert relative_error(cross, ab) <= 0.25  # off-diagonal blocks are relatively noisier
+    scale = (aa.diag()[:, None] * bb.diag()[None, :]).sqrt()
+    assert ((cross.double() - ab) / scale).pow(2).mean().sqrt() <= 0.05
 
 
 def test_seed_mean_converges_to_exact(llama, reference):
     """Unbiased: the error of the mean of S seeds shrinks like 1/sqrt(S) of the single-seed rms error."""
-    batch_a, _, aa, _ = reference
+    batch_a, _, aa, _, _ = reference
     seeds = 16
     estimates = torch.stack(
-        [empirical_ntk(llama, lm_logprob, batch_a, config=ProjectionConfig(k=16, seed=s)).double() for s in range(seeds)]
+        [
+            empirical_ntk(llama, lm_logprob, batch_a, config=ProjectionConfig(k=16, seed=s)).double()
+            for s in range(seeds)
+        ]
     )
     single_rms = (estimates - aa).pow(2).sum(dim=(1, 2)).mean().sqrt()
     mean_error = (estimates.mean(0) - aa).norm()

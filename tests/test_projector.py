@@ -1,5 +1,6 @@
 """GradientProjector against explicit per-sample backward loops (float64 models, one sample at a time)."""
 
+import pathlib
 import subprocess
 import sys
 
@@ -72,9 +73,9 @@ def mlp_score(model, batch):
     """Every token counts (so padding_idx tokens get a nonzero output-gradient): Tensor[B]."""
     ids, _ = batch
     out = model(ids)
-    return (out[..., 0] * torch.arange(1, ids.shape[1] + 1, dtype=out.dtype)).sum(dim=1) + out[..., 1:].pow(2).sum(
-        dim=(1, 2)
-    )
+    return (out[..., 0] * torch.arange(1, ids.shape[1] + 1, dtype=out.dtype)).sum(dim=1) + out[..., 1:].pow(
+        2
+    ).sum(dim=(1, 2))
 
 
 def token_batch(B=3, T=7, vocab=40, seed=1, lengths=(7, 4, 6)):
@@ -241,7 +242,9 @@ def test_tied_embedding_is_one_parameter_covering_both_uses():
     by_alias = {("lm_head.weight" if n == "model.embed_tokens.weight" else n): g[0] for n, g in grads.items()}
     torch.testing.assert_close(features[0], projector.project_update(by_alias), rtol=1e-4, atol=1e-5)
     # both uses matter: the gradient through the output head alone is not the feature
-    untied_part = {n: (g[0] if n != "model.embed_tokens.weight" else torch.zeros_like(g[0])) for n, g in grads.items()}
+    untied_part = {
+        n: (g[0] if n != "model.embed_tokens.weight" else torch.zeros_like(g[0])) for n, g in grads.items()
+    }
     assert not torch.allclose(features[0], projector.project_update(untied_part), rtol=1e-3, atol=1e-3)
 
 
@@ -258,9 +261,14 @@ def test_fn_with_several_forwards_accumulates_per_sample():
     params = projector.tracked_parameters()
     rows = []
     for b in range(3):
-        value = margin(model, ((chosen[0][b : b + 1], chosen[1][b : b + 1]), (rejected[0][b : b + 1], rejected[1][b : b + 1])))
+        value = margin(
+            model,
+            ((chosen[0][b : b + 1], chosen[1][b : b + 1]), (rejected[0][b : b + 1], rejected[1][b : b + 1])),
+        )
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value[0], list(params.values()))]))
-    torch.testing.assert_close(projector.per_sample(margin, (chosen, rejected)).double(), torch.stack(rows), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        projector.per_sample(margin, (chosen, rejected)).double(), torch.stack(rows), rtol=1e-5, atol=1e-6
+    )
 
 
 # ---------------------------------------------------------------- selection, determinism
@@ -282,16 +290,24 @@ def test_same_seed_same_features_in_another_process():
     code = (
         "import torch; from torch import nn; from ntkdyn import GradientProjector, ProjectionConfig\n"
         "torch.manual_seed(0); layer = nn.Linear(40, 30); x = torch.randn(3, 5, 40)\n"
-        "f = GradientProjector(layer, ProjectionConfig(k=8, seed=7)).per_sample(lambda m, b: m(b).sum((1, 2)), x)\n"
+        "projector = GradientProjector(layer, ProjectionConfig(k=8, seed=7))\n"
+        "f = projector.per_sample(lambda m, b: m(b).sum((1, 2)), x)\n"
         "print(repr(f.flatten().tolist()))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo
+    ).stdout
     other_process = torch.tensor(eval(out))
     torch.manual_seed(0)
     layer, x = nn.Linear(40, 30), torch.randn(3, 5, 40)
-    here = GradientProjector(layer, ProjectionConfig(k=8, seed=7)).per_sample(lambda m, b: m(b).sum((1, 2)), x)
+    here = GradientProjector(layer, ProjectionConfig(k=8, seed=7)).per_sample(
+        lambda m, b: m(b).sum((1, 2)), x
+    )
     assert torch.equal(here.flatten(), other_process)
-    other_seed = GradientProjector(layer, ProjectionConfig(k=8, seed=8)).per_sample(lambda m, b: m(b).sum((1, 2)), x)
+    other_seed = GradientProjector(layer, ProjectionConfig(k=8, seed=8)).per_sample(
+        lambda m, b: m(b).sum((1, 2)), x
+    )
     assert not torch.allclose(here, other_seed)
 
 

@@ -137,10 +137,13 @@ def first_order_change(
 
 @contextlib.contextmanager
 def measuring(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) for every submodule, full precision (autocast off: a trainer's bf16
-    autocast would swamp one step's change in rounding), a forked RNG, no DDP gradient sync, and
+    """Eval mode (no dropout) for every submodule, full precision (autocast off, and a forward
+    that accelerate wrapped in autocast for mixed precision run as its original ``_original_forward``:
+    bf16 rounding would swamp one step's change), a forked RNG, no DDP gradient sync, and
     every parameter's ``.grad`` kept aside; all restored on exit."""
     modes = [(m, m.training) for m in model.modules()]
+    wrapped = [(m, m.__dict__["forward"]) for m in model.modules()
+               if "_original_forward" in m.__dict__ and "forward" in m.__dict__]
     params = list(model.parameters())
     grads = [p.grad for p in params]
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
@@ -154,12 +157,16 @@ def measuring(model: nn.Module) -> Iterator[None]:
             for device_type in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
                 stack.enter_context(torch.autocast(device_type, enabled=False))
             model.eval()
+            for m, _ in wrapped:
+                m.forward = m._original_forward
             for p in params:
                 p.grad = None
             yield
     finally:
         for m, mode in modes:
             m.training = mode
+        for m, forward in wrapped:
+            m.forward = forward
         for p, g in zip(params, grads, strict=True):
             p.grad = g
 
@@ -227,7 +234,7 @@ class DynamicsTracker:
             if pending is None or pending.step != step:
                 tracked = self.projector.tracked_parameters()
                 features = {
-                    g.name: self._checked(g, self.projector.per_sample(g.fn, g.batch)) for g in self.probes
+                    g.name: self.projector.per_sample(g.fn, g.batch) for g in self.probes
                 }
                 before = {n: p.detach().clone() for n, p in tracked.items()}
                 pending = self._pending = _Pending(step=step, before=before, features=features)
@@ -235,13 +242,6 @@ class DynamicsTracker:
                 if batch is None:
                     raise ValueError("before_step: loss_fn given without its batch")
                 pending.train_features.append(all_gather_rows(self.projector.per_sample(loss_fn, batch)))
-
-    def _checked(self, group: ProbeGroup, phi: torch.Tensor) -> torch.Tensor:
-        if group.labels is not None and phi.shape[0] != len(group.labels):
-            raise ValueError(
-                f"probe group {group.name!r}: fn gave {phi.shape[0]} samples for {len(group.labels)} labels"
-            )
-        return phi
 
     def after_step(self, step: int, model: nn.Module, lr: float) -> list[dict]:
         """Compute predictions and observations for the step captured by before_step, write them
@@ -264,7 +264,7 @@ class DynamicsTracker:
                 values[g.name] = (f_before, f_after, change)
         train = torch.cat(pending.train_features) if pending.train_features else None
         rows = self._probe_rows(pending, values, p_delta, train)
-        ntk_row, tensors = self._kernels(pending, train)
+        ntk_row, tensors = self._kernels(pending, train, rows)
         if self.rank == 0:
             self._write(rows + [ntk_row], tensors, step)
         return rows
@@ -289,14 +289,14 @@ class DynamicsTracker:
             contrib = None
             if train is not None:
                 contrib = -pending.lr * (phi.double() @ train.double().T) / train.shape[0]  # [B_g, B_u]
-            labels = g.labels or [f"{g.name}/{i}" for i in range(phi.shape[0])]
+            labels, categories = g.sample_labels(phi.shape[0]), g.sample_categories(phi.shape[0])
             for i, label in enumerate(labels):
                 row: dict[str, Any] = {
                     "kind": "probe",
                     "step": pending.step,
                     "measurement": g.measurement,
                     "branch": g.branch,
-                    "category": g.category,
+                    "category": categories[i],
                     "group": g.name,
                     "probe": label,
                     "before": float(f_before[i]),
@@ -315,18 +315,21 @@ class DynamicsTracker:
                 rows.append(row)
         return rows
 
-    def _kernels(self, pending: _Pending, train: torch.Tensor | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    def _kernels(
+        self, pending: _Pending, train: torch.Tensor | None, rows: list[dict]
+    ) -> tuple[dict, dict[str, torch.Tensor]]:
         """eNTK blocks between measurements (and the training samples), raw and cosine-normalised,
-        and the scalars of the ntk row: kernel alignment between measurements with equally many
-        probes, the mean same-pair cosine (per category) between groups of one category."""
-        by_measurement: dict[str, list[ProbeGroup]] = {}
+        and the scalars of the ntk row: kernel alignment <K_aa, K_bb>_F / (|K_aa| |K_bb|) between
+        measurements with equally many probes, and for measurements on the same probe pairs (equal
+        labels) the mean same-pair cosine cos(φ_a(o), φ_b(o)) overall and per category."""
+        phis: dict[str, torch.Tensor] = {}
         for g in self.probes:
-            by_measurement.setdefault(g.measurement, []).append(g)
-        phis = {
-            m: torch.cat([pending.features[g.name] for g in gs]).double() for m, gs in by_measurement.items()
-        }
+            phis[g.measurement] = torch.cat([phis.get(g.measurement, torch.empty(0)),
+                                             pending.features[g.name].double().cpu()])
+        labels = {m: [r["probe"] for r in rows if r["measurement"] == m] for m in phis}
+        categories = {m: [r["category"] for r in rows if r["measurement"] == m] for m in phis}
         if train is not None:
-            phis[TRAIN] = train.double()
+            phis[TRAIN] = train.double().cpu()
         order = list(phis)
         norms = {m: (phi * phi).sum(1) for m, phi in phis.items()}
         tensors: dict[str, torch.Tensor] = {}
@@ -342,34 +345,16 @@ class DynamicsTracker:
         for i, a in enumerate(probe_ms):
             for b in probe_ms[:i]:
                 if phis[a].shape[0] == phis[b].shape[0]:
-                    row[f"ntk/alignment/{a},{b}"] = kernel_alignment(
-                        tensors[f"K/{a},{a}"], tensors[f"K/{b},{b}"]
-                    )
-                self._same_pair_cosines(row, by_measurement[a], by_measurement[b], pending.features)
+                    row[f"ntk/alignment/{a},{b}"] = kernel_alignment(tensors[f"K/{a},{a}"], tensors[f"K/{b},{b}"])
+                if labels[a] == labels[b]:
+                    cos = torch.diagonal(tensors[f"Kcos/{a},{b}"])
+                    row[f"ntk/cross_cos/{a},{b}"] = float(cos.mean())
+                    for c in dict.fromkeys(categories[a]):
+                        chosen = torch.tensor([x == c for x in categories[a]])
+                        row[f"ntk/cross_cos/{a},{b}/{c}"] = float(cos[chosen].mean())
             if train is not None:
                 row[f"ntk/train_cos/{a}"] = float(tensors[f"Kcos/{TRAIN},{a}"].mean())
         return row, tensors
-
-    @staticmethod
-    def _same_pair_cosines(
-        row: dict, groups_a: list[ProbeGroup], groups_b: list[ProbeGroup], features: dict[str, torch.Tensor]
-    ) -> None:
-        """ntk/cross_cos/{a},{b}[/category]: mean cos(φ_a(o), φ_b(o)) over probes o of the same category."""
-        by_cat_b = {g.category: g for g in groups_b}
-        cosines = []
-        for ga in groups_a:
-            gb = by_cat_b.get(ga.category)
-            if gb is None or features[ga.name].shape != features[gb.name].shape:
-                continue
-            cos = torch.nn.functional.cosine_similarity(
-                features[ga.name].double(), features[gb.name].double(), dim=1
-            )
-            row[f"ntk/cross_cos/{ga.measurement},{gb.measurement}/{ga.category}"] = float(cos.mean())
-            cosines.append(cos)
-        if cosines:
-            row[f"ntk/cross_cos/{groups_a[0].measurement},{groups_b[0].measurement}"] = float(
-                torch.cat(cosines).mean()
-            )
 
     def _write(self, rows: list[dict], tensors: dict[str, torch.Tensor], step: int) -> None:
         from safetensors.torch import save_file

@@ -42,9 +42,10 @@ class ProbeGroup:
     """A batch of probes measured by one function: ``fn(model, batch) -> Tensor[B]``.
 
     measurement: what fn measures ("gen", "und", "caption", or any name); category: the probe set
-    (e.g. "aligned", "false_positive"); branch: the model branch the measurement belongs to, used
-    to pool the summary statistics (default: gen for "gen", und for "und"/"caption", else the
-    measurement). labels: one id per sample (default ``f"{name}/{i}"``).
+    of every sample (e.g. "aligned"; default: the name), or ``categories``: one per sample; branch:
+    the model branch the measurement belongs to, used to pool the summary statistics (default: gen
+    for "gen", und for "und"/"caption", else the measurement). labels: one id per sample (default
+    ``f"{name}/{i}"``); equal labels under two measurements mark the same probe pair.
     """
 
     name: str
@@ -54,6 +55,7 @@ class ProbeGroup:
     category: str = ""
     branch: str = ""
     labels: list[str] | None = None
+    categories: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -65,6 +67,26 @@ class ProbeGroup:
         self.branch = self.branch or BRANCH_OF_MEASUREMENT.get(self.measurement, self.measurement)
         if self.measurement == TRAIN:
             raise ValueError(f"ProbeGroup.measurement {TRAIN!r} is reserved for the training losses")
+        if self.labels is not None and self.categories is not None and len(self.labels) != len(self.categories):
+            raise ValueError(f"ProbeGroup {self.name!r}: {len(self.labels)} labels but "
+                             f"{len(self.categories)} categories")
+
+    def sample_labels(self, n: int) -> list[str]:
+        """The n samples' labels (checked against ``labels`` when given)."""
+        if self.labels is None:
+            return [f"{self.name}/{i}" for i in range(n)]
+        if len(self.labels) != n:
+            raise ValueError(f"probe group {self.name!r}: fn gave {n} samples for {len(self.labels)} labels")
+        return list(self.labels)
+
+    def sample_categories(self, n: int) -> list[str]:
+        """The n samples' categories."""
+        if self.categories is None:
+            return [self.category] * n
+        if len(self.categories) != n:
+            raise ValueError(f"probe group {self.name!r}: fn gave {n} samples for {len(self.categories)} "
+                             "categories")
+        return list(self.categories)
 
 
 @dataclass(frozen=True)
@@ -137,31 +159,20 @@ def load_probes(path: str | os.PathLike) -> list[Probe]:
     return [Probe(**{**d, "image": tuple(d["image"])}) for d in json.loads(Path(path).read_text())]
 
 
-def probe_groups(
-    adapter: UnifiedAdapter, probes: Sequence[Probe], measurements: Sequence[str] = MEASUREMENTS
-) -> list[ProbeGroup]:
-    """One ProbeGroup per (measurement, category): name ``f"{measurement}/{category}"``, batch
-    ``{"prompts", "images": LongTensor[B, L]}``, fn ``adapter.measurement(measurement)``, labels
-    ``f"{category}/{i}"`` (the same label marks the same pair under every measurement)."""
+def probe_groups(adapter: UnifiedAdapter, probes: Sequence[Probe],
+                 measurements: Sequence[str] = MEASUREMENTS) -> list[ProbeGroup]:
+    """One ProbeGroup per measurement over every probe (one batched evaluation each): name and
+    measurement ``measurement``, batch ``{"prompts", "images": LongTensor[B, L]}``, fn
+    ``adapter.measurement(measurement)``, per-sample categories, labels ``f"{category}/{i}"``
+    (the same label marks the same pair under every measurement)."""
     if not probes:
         raise ValueError("probe_groups: no probes")
-    groups = []
-    for measurement in measurements:
-        fn = adapter.measurement(measurement)
-        for category in dict.fromkeys(p.category for p in probes):
-            chosen = [p for p in probes if p.category == category]
-            batch = {
-                "prompts": [p.prompt for p in chosen],
-                "images": torch.tensor([p.image for p in chosen], dtype=torch.long),
-            }
-            groups.append(
-                ProbeGroup(
-                    name=f"{measurement}/{category}",
-                    fn=fn,
-                    batch=batch,
-                    measurement=measurement,
-                    category=category,
-                    labels=[f"{category}/{i}" for i in range(len(chosen))],
-                )
-            )
-    return groups
+    order = sorted(range(len(probes)), key=lambda i: PROBE_CATEGORIES.index(probes[i].category))
+    chosen = [probes[i] for i in order]
+    labels, seen = [], {}
+    for p in chosen:
+        labels.append(f"{p.category}/{seen.setdefault(p.category, 0)}")
+        seen[p.category] += 1
+    batch = {"prompts": [p.prompt for p in chosen], "images": torch.tensor([p.image for p in chosen], dtype=torch.long)}
+    return [ProbeGroup(name=m, fn=adapter.measurement(m), batch=batch, measurement=m, labels=labels,
+                       categories=[p.category for p in chosen]) for m in measurements]

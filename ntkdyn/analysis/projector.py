@@ -475,7 +475,8 @@ class GradientProjector:
         """sum_t m (P0^T left_t)(P1^T right_t)^T: [B, k0, k1] (exact kinds: the gradient itself)."""
         if self.config.kind == "kronecker":
             p0, p1 = self._factor(name, 0, left.device), self._factor(name, 1, left.device)
-            return kron_projection(left, right, p0, p1, mask, self.config.implementation)
+            rademacher = self.config.distribution == "rademacher"
+            return kron_projection(left, right, p0, p1, mask, self.config.implementation, rademacher)
         return kron_projection(left, right, None, None, mask, "torch")
 
     def _contributions(self, call: _Call, g: torch.Tensor):

@@ -72,6 +72,7 @@ def _kron_projection_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_KX: tl.constexpr,
     BLOCK_KY: tl.constexpr,
+    DOT_IN_INPUT_DTYPE: tl.constexpr,  # 16-bit inputs and factors in {-1, 0, 1}: exact products
 ):
     """One program = (sample b, token split s, output tile (kx, ky)).
 
@@ -83,10 +84,13 @@ def _kron_projection_kernel(
         OUT[b, s, kx, ky] = acc
 
     The projected tokens xp, yp never reach memory; only the [KX, KY] partial sum of each split does
-    (the launcher sums the splits: deterministic, no atomics). Inputs are cast to fp32 right after the
-    load and every tl.dot accumulates in fp32 with IEEE precision (the interpreter computes bf16
-    arithmetic wrongly, and TF32 would cost 3 decimal digits). Every block size is >= 16 (tl.dot's
-    minimum); ragged edges (odd DX, DY, KX, KY, T) are handled by masked loads with 0 padding.
+    (the launcher sums the splits: deterministic, no atomics). Every tl.dot accumulates in fp32. By
+    default inputs are cast to fp32 right after the load and multiplied with IEEE fp32 precision (the
+    interpreter computes bf16 arithmetic wrongly, and TF32 would cost 3 decimal digits). On a GPU, with
+    bf16/fp16 inputs and factors in {-1, 0, 1} (Rademacher or identity), DOT_IN_INPUT_DTYPE multiplies
+    in the input dtype on tensor cores: every product is exact and accumulates in fp32, so the result
+    is the same up to summation order. Every block size is >= 16 (tl.dot's minimum); ragged edges (odd
+    DX, DY, KX, KY, T) are handled by masked loads with 0 padding.
 
     The projection factors are *loaded*, not generated in-kernel: they are generated once per
     parameter on the host from the seed (torch's CPU generator), so the CPU path, the interpreter
@@ -116,11 +120,14 @@ def _kron_projection_kernel(
                 X + b * stride_xb + offs_t[:, None] * stride_xt + offs_d[None, :] * stride_xd,
                 mask=keep[:, None] & d_ok[None, :],
                 other=0.0,
-            ).to(tl.float32)
+            )
             p = tl.load(
                 PX + offs_d[:, None] * KX + offs_kx[None, :], mask=d_ok[:, None] & kx_ok[None, :], other=0.0
             )
-            xp += tl.dot(x, p, input_precision="ieee")
+            if DOT_IN_INPUT_DTYPE:
+                xp = tl.dot(x, p.to(x.dtype), xp)
+            else:
+                xp += tl.dot(x.to(tl.float32), p, input_precision="ieee")
         yp = tl.zeros((BLOCK_T, BLOCK_KY), dtype=tl.float32)
         for d0 in range(0, DY, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -129,11 +136,14 @@ def _kron_projection_kernel(
                 Y + b * stride_yb + offs_t[:, None] * stride_yt + offs_d[None, :] * stride_yd,
                 mask=keep[:, None] & d_ok[None, :],
                 other=0.0,
-            ).to(tl.float32)
+            )
             p = tl.load(
                 PY + offs_d[:, None] * KY + offs_ky[None, :], mask=d_ok[:, None] & ky_ok[None, :], other=0.0
             )
-            yp += tl.dot(y, p, input_precision="ieee")
+            if DOT_IN_INPUT_DTYPE:
+                yp = tl.dot(y, p.to(y.dtype), yp)
+            else:
+                yp += tl.dot(y.to(tl.float32), p, input_precision="ieee")
         acc += tl.dot(tl.trans(xp), yp, input_precision="ieee")
     out_ptrs = OUT + ((b * tl.num_programs(1) + split) * KX + offs_kx[:, None]) * KY + offs_ky[None, :]
     tl.store(out_ptrs, acc, mask=kx_ok[:, None] & ky_ok[None, :])
@@ -161,12 +171,19 @@ def kron_projection_triton(
     px: torch.Tensor | None,
     py: torch.Tensor | None,
     mask: torch.Tensor | None = None,
+    sign_factors: bool = False,
     splits: int | None = None,
+    block_t: int | None = None,
+    block_d: int = 32,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Launch the fused kernel; same contract as :func:`kron_projection_reference`.
 
-    splits: token splits per sample (each a program writing a partial sum); None picks enough programs
-    to fill the GPU (one on the interpreter). CPU tensors need TRITON_INTERPRET=1.
+    sign_factors: the caller guarantees px, py have entries in {-1, 0, 1}; then 16-bit CUDA inputs are
+    multiplied in their own dtype on tensor cores (exact products). splits: token splits per sample
+    (each a program writing a partial sum); None picks enough programs to fill the GPU (one on the
+    interpreter). block_t (default 32 on CUDA, 16 on the interpreter), block_d, num_warps: tuning.
+    CPU tensors need TRITON_INTERPRET=1.
     """
     if x.device.type == "cpu" and not _interpreter_on():
         raise RuntimeError(
@@ -183,7 +200,7 @@ def kron_projection_triton(
     py = torch.eye(DY, device=y.device) if py is None else py.float().contiguous()
     KX, KY = px.shape[1], py.shape[1]
     keep = torch.ones(B, T, dtype=torch.int8, device=x.device) if mask is None else mask.to(torch.int8)
-    block_t = 32 if x.is_cuda else 16
+    block_t = (32 if x.is_cuda else 16) if block_t is None else block_t
     block_kx, block_ky = _block(KX, 64), _block(KY, 64)
     tiles = triton.cdiv(KX, block_kx) * triton.cdiv(KY, block_ky)
     t_blocks = triton.cdiv(T, block_t)
@@ -193,6 +210,9 @@ def kron_projection_triton(
     splits = min(splits, t_blocks)
     tokens_per_split = triton.cdiv(t_blocks, splits) * block_t
     splits = triton.cdiv(T, tokens_per_split)
+    low_precision = (
+        sign_factors and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and y.dtype == x.dtype
+    )
     out = torch.empty(B, splits, KX, KY, dtype=torch.float32, device=x.device)
     _compiled_kernel(_interpreter_on())[(B, splits, tiles)](
         x,
@@ -211,9 +231,11 @@ def kron_projection_triton(
         *y.stride(),
         *keep.stride(),
         BLOCK_T=block_t,
-        BLOCK_D=32,
+        BLOCK_D=block_d,
         BLOCK_KX=block_kx,
         BLOCK_KY=block_ky,
+        DOT_IN_INPUT_DTYPE=low_precision,
+        num_warps=num_warps,
     )
     return out.sum(dim=1)
 
@@ -225,14 +247,15 @@ def kron_projection(
     py: torch.Tensor | None,
     mask: torch.Tensor | None = None,
     implementation: str = "auto",
+    sign_factors: bool = False,
 ) -> torch.Tensor:
     """out[b] = sum_t m[b,t] (px^T x[b,t]) (py^T y[b,t])^T, float32 [B, KX, KY].
 
     implementation: "auto" (Triton on CUDA tensors, torch otherwise), "torch" or "triton"
-    (on CPU tensors only under TRITON_INTERPRET=1).
+    (on CPU tensors only under TRITON_INTERPRET=1). sign_factors: see :func:`kron_projection_triton`.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "triton" or (implementation == "auto" and x.is_cuda):
-        return kron_projection_triton(x, y, px, py, mask)
+        return kron_projection_triton(x, y, px, py, mask, sign_factors=sign_factors)
     return kron_projection_reference(x, y, px, py, mask)

@@ -65,7 +65,9 @@ def train_byte_bpe(
     )
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def left_pad(
+    sequences: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-pad token sequences: (ids [B, T], attention_mask [B, T], position_ids [B, T]).
 
     Left padding aligns every sequence's end at column T-1, so the answer position and
@@ -88,7 +90,9 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
 def pixels_to_numpy_list(pixels: torch.Tensor, image_size: int) -> list:
     """Check uint8 pixels [B, H, W, 3] have H = W = image_size; return them as a list of HWC arrays."""
     if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
-        raise ValueError(f"pixels must be a uint8 tensor [B, H, W, 3], got {pixels.dtype} {tuple(pixels.shape)}")
+        raise ValueError(
+            f"pixels must be a uint8 tensor [B, H, W, 3], got {pixels.dtype} {tuple(pixels.shape)}"
+        )
     if pixels.shape[1] != image_size or pixels.shape[2] != image_size:
         raise ValueError(
             f"pixels are {pixels.shape[1]}x{pixels.shape[2]}, but this model's images are "
@@ -114,7 +118,9 @@ def check_images(images: torch.Tensor, image_tokens: int, codebook_size: int) ->
             f"got {images.dtype} {tuple(images.shape)}"
         )
     if images.numel() and (images.min() < 0 or images.max() >= codebook_size):
-        raise ValueError(f"image tokens must lie in [0, {codebook_size}), got [{images.min()}, {images.max()}]")
+        raise ValueError(
+            f"image tokens must lie in [0, {codebook_size}), got [{images.min()}, {images.max()}]"
+        )
 
 
 def check_prompts(prompts: Sequence[str], batch: int | None = None) -> None:

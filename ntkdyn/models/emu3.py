@@ -80,7 +80,9 @@ class Emu3Adapter(UnifiedAdapter):
             raise ValueError(f"question must contain '{{prompt}}', got {question!r}")
         factor = model.model.vqmodel.vision_spatial_factor
         if image_size <= 0 or image_size % factor:
-            raise ValueError(f"image_size must be a positive multiple of the VQ factor {factor}, got {image_size}")
+            raise ValueError(
+                f"image_size must be a positive multiple of the VQ factor {factor}, got {image_size}"
+            )
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -233,14 +235,18 @@ class Emu3Adapter(UnifiedAdapter):
         cache = DynamicCache(config=self.model.config.text_config)
         codes = torch.empty(len(prompts) * n, self.image_tokens, dtype=torch.long, device=device)
         for step in range(self.image_tokens):
-            logits = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1, code_to_token].float()
+            logits = (
+                self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                .logits[:, -1, code_to_token]
+                .float()
+            )
             if guided:
                 cond, uncond = logits.chunk(2)
                 logits = uncond + self.guidance_scale * (cond - uncond)
@@ -262,9 +268,15 @@ class Emu3Adapter(UnifiedAdapter):
         rows = self._image_rows(images)  # [B, h*(w+1)]
         sequences = [[*self._generation_prefix(p), *r.tolist()] for p, r in zip(prompts, rows, strict=True)]
         # the last eol is a target only, never an input
-        ids, mask, positions = (t.to(images.device) for t in left_pad([s[:-1] for s in sequences], self.pad_id))
+        ids, mask, positions = (
+            t.to(images.device) for t in left_pad([s[:-1] for s in sequences], self.pad_id)
+        )
         logits = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=rows.shape[1]
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=False,
+            logits_to_keep=rows.shape[1],
         ).logits
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, rows.unsqueeze(-1)).squeeze(-1)
         return logp.view(-1, self.grid, self.grid + 1)[:, :, : self.grid].sum((1, 2))
@@ -275,7 +287,9 @@ class Emu3Adapter(UnifiedAdapter):
     ) -> torch.Tensor:
         """lm_head logits at the last ``keep`` positions of the left-padded understanding rows."""
         rows = self._image_rows(images)
-        sequences = [self._understanding_ids(r, q, a) for r, q, a in zip(rows, questions, answers, strict=True)]
+        sequences = [
+            self._understanding_ids(r, q, a) for r, q, a in zip(rows, questions, answers, strict=True)
+        ]
         ids, mask, positions = (t.to(images.device) for t in left_pad(sequences, self.pad_id))
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=keep
@@ -319,7 +333,9 @@ class Emu3Adapter(UnifiedAdapter):
         vq = self.model.model.vqmodel
         device = next(vq.parameters()).device
         with _eval_mode(vq):
-            out = vq.encode(inputs["pixel_values"].to(device), inputs["image_sizes"].to(device), return_dict=True)
+            out = vq.encode(
+                inputs["pixel_values"].to(device), inputs["image_sizes"].to(device), return_dict=True
+            )
         return torch.stack([codes.flatten() for codes in out.image_tokens])
 
     def shared_parameter_names(self) -> list[str]:

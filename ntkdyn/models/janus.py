@@ -78,8 +78,8 @@ class JanusAdapter(UnifiedAdapter):
         self.image_tokens = grid * grid
         if config.vision_config.num_image_tokens != self.image_tokens:
             raise ValueError(
-                f"vision_config.num_image_tokens={config.vision_config.num_image_tokens} must equal the VQ grid "
-                f"{grid}x{grid}: Janus generates num_image_tokens codes"
+                f"vision_config.num_image_tokens={config.vision_config.num_image_tokens} must equal the "
+                f"VQ grid {grid}x{grid}: Janus generates num_image_tokens codes"
             )
         self.codebook_size = config.vq_config.num_embeddings
         self.image_size = grid * 2 ** (len(config.vq_config.channel_multiplier) - 1)  # VQ decoder's pixels
@@ -253,7 +253,10 @@ class JanusAdapter(UnifiedAdapter):
         ids, mask, positions = (t.to(device) for t in left_pad(prefixes, self.pad_id))
         tail = torch.arange(1, self.image_tokens, device=device)
         embeds = torch.cat(
-            [core.get_input_embeddings()(ids), self.model.prepare_embeddings_for_image_generation(images[:, :-1])],
+            [
+                core.get_input_embeddings()(ids),
+                self.model.prepare_embeddings_for_image_generation(images[:, :-1]),
+            ],
             dim=1,
         )
         mask = torch.cat([mask, mask.new_ones(images.shape[0], self.image_tokens - 1)], dim=1)

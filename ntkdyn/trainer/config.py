@@ -3,10 +3,10 @@
 is built from these fields by :func:`add_dataclass_arguments`.
 
 Budget: a run is ``rounds`` rounds; each round collects data (Algorithm 1; in a curriculum
-run, round r > 0 revisits the discard pool, Algorithm 2) and then trains. A round trains
-``ceil(epochs * n / batch_size)`` optimizer steps on its n items, or, when ``max_steps`` is
-set, ``max_steps // rounds`` steps (the remainder goes to the last round), which is how runs
-with different data sizes get an equal budget.
+run, round r > 0 revisits the discard pool, Algorithm 2) and then trains ``ceil(epochs * n /
+batch_size)`` optimizer steps on its n items, capped by ``max_steps // rounds`` when ``max_steps`` is
+set (the remainder goes to the last round). Runs with different data sizes get an equal budget with
+a large ``--epochs`` and the same ``--max-steps``.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata=_help("clip the global grad norm to this (0 = off)"))
     epochs: float = field(default=2.0, metadata=_help("epochs over each round's data (unless --max-steps)"))
     max_steps: int | None = field(
-        default=None, metadata=_help("total optimizer steps over all rounds (equal-budget comparisons)")
+        default=None, metadata=_help("cap on the optimizer steps over all rounds (equal-budget comparisons)")
     )
     rounds: int = field(
         default=1,

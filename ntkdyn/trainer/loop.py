@@ -71,14 +71,14 @@ def learning_rate(cfg: TrainConfig, k: int, steps: int) -> float:
 
 
 def round_steps(cfg: TrainConfig, round_index: int, size: int) -> int:
-    """Optimizer steps of a round with ``size`` items: max_steps split evenly over the rounds (remainder
-    to the last), else ceil(epochs * size / batch_size); 0 when the round has no data."""
-    if size == 0:
-        return 0
+    """Optimizer steps of a round with ``size`` items: ceil(epochs * size / batch_size), capped by the
+    round's share of max_steps (max_steps // rounds, the remainder to the last round); 0 without data."""
+    steps = math.ceil(cfg.epochs * size / cfg.batch_size)
     if cfg.max_steps is not None:
-        base = cfg.max_steps // cfg.rounds
-        return base + (cfg.max_steps - base * cfg.rounds if round_index == cfg.rounds - 1 else 0)
-    return math.ceil(cfg.epochs * size / cfg.batch_size)
+        share = cfg.max_steps // cfg.rounds
+        share += cfg.max_steps - share * cfg.rounds if round_index == cfg.rounds - 1 else 0
+        steps = min(steps, share)
+    return steps
 
 
 def stream_indices(size: int, batch_size: int, k: int, seed: int, round_index: int) -> torch.Tensor:

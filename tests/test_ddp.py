@@ -1,0 +1,109 @@
+"""Two DDP processes (torchrun, gloo) give the results of one process at the same global batch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ntkdyn.models.toy import ToyAdapter
+from ntkdyn.track import main
+from ntkdyn.trainer.checkpoint import read_jsonl
+from ntkdyn.trainer.data import collect_candidates, stratified_prompts
+from ntkdyn.trainer.distributed import Dist
+
+
+def _close(x, y):
+    assert x.keys() == y.keys()
+    for k in x:
+        if isinstance(x[k], float):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
+        elif isinstance(x[k], dict):
+            _close(x[k], y[k])
+        else:
+            assert x[k] == y[k], k
+
+
+def test_two_processes_equal_one(tmp_path):
+    # a random tiny model says P(yes) ~ 0.47 to everything: accept above the median so that DPO has pairs
+    world = ToyAdapter.tiny().world
+    prompts = stratified_prompts(world, "train", 12, seed=0)
+    probe = collect_candidates(ToyAdapter.tiny(), world, prompts, torch.arange(12), 4, 1.0, 4, 0, 0, Dist())
+    threshold = probe.p_yes.median().item()
+    args = [
+        "--model",
+        "toy-tiny",
+        "--run",
+        "dpo",
+        "--accept-threshold",
+        str(threshold),
+        "--no-track",
+        "--prompts",
+        "12",
+        "--candidates",
+        "4",
+        "--gen-batch",
+        "4",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--micro-batch-size",
+        "2",
+        "--nll-weight",
+        "0.5",
+        "--lr",
+        "1e-3",
+        "--eval-prompts",
+        "6",
+        "--eval-candidates",
+        "2",
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "ntkdyn.track",
+        "--",
+        *args,
+        "--out",
+        str(two),
+    ]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = main([*args, "--out", str(one)])
+
+    data_one, data_two = (
+        load_file(str(one / "data" / "round_0.safetensors")),
+        load_file(str(two / "data" / "round_0.safetensors")),
+    )
+    for k in ("candidates/images", "accepted", "pairs"):
+        assert torch.equal(data_one[k], data_two[k]), k  # generation and judging split over ranks
+    assert len(data_one["pairs"]) > 0
+    torch.testing.assert_close(data_one["train/ref_chosen"], data_two["train/ref_chosen"])
+    for name in ("metrics.jsonl", "eval.jsonl", "data.jsonl"):
+        rows_one, rows_two = read_jsonl(one / name), read_jsonl(two / name)
+        assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two]  # rank 1 wrote nothing
+        for a, b in zip(rows_one, rows_two, strict=True):
+            _close(a, b)
+    assert summary["steps"] == 3
+    model_one = torch.load(one / "checkpoint.pt", weights_only=False)["model"]
+    model_two = torch.load(two / "checkpoint.pt", weights_only=False)["model"]
+    moved = ToyAdapter.tiny().model.state_dict()
+    assert any(not torch.allclose(moved[k], model_one[k]) for k in moved)
+    for k in model_one:
+        torch.testing.assert_close(model_one[k], model_two[k], rtol=1e-5, atol=1e-6)
