@@ -1,6 +1,6 @@
 """Pre-train the toy unified model on ShapesWorld (``python -m ntkdyn.pretrain``).
 
-Every step draws fresh examples from the *train* prompts (categories equally likely) and
+Every step draws fresh examples from all the world's prompts (categories equally likely) and
 minimises the sum of three losses through the adapter's own measurements:
 
     generation     -log pi(x|y) / L                 y -> a random true scene x
@@ -33,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -57,13 +58,14 @@ class PretrainConfig:
     steps: int = 3000
     gen_batch: int = 16
     und_batch: int = 48
-    caption_batch: int = 8
+    caption_batch: int = 16
     lr: float = 3e-3
     warmup: int = 100
     weight_decay: float = 0.01
-    hard_start: float = 0.2
+    hard_start: float = 0.3
     hard_end: float = 0.9
-    hard_ramp: float = 0.4
+    hard_ramp: float = 0.3
+    und_category_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.5, 2.0, 2.5)
     threads: int = 1
 
     def __post_init__(self):
@@ -87,6 +89,8 @@ class PretrainConfig:
                 and value <= 0
             ):
                 raise ValueError(f"PretrainConfig.{f.name} must be > 0 (got {value})")
+        if len(self.und_category_weights) != 6 or min(self.und_category_weights) < 0:
+            raise ValueError("PretrainConfig.und_category_weights needs 6 weights >= 0, one per category")
         for name in ("hard_start", "hard_end", "hard_ramp", "weight_decay"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"PretrainConfig.{name} must lie in [0, 1] (got {getattr(self, name)})")
@@ -104,14 +108,18 @@ def cache_dir(config: PretrainConfig) -> Path:
 
 
 class TaskSampler:
-    """Draws the three tasks' examples from the train prompts; categories equally likely."""
+    """Draws the three tasks' examples from all of the world's prompts (pre-training is the
+    model's broad supervised stage; the train/eval split separates self-improvement training
+    from its evaluation): a category (equally likely, or with ``und_weights`` for
+    understanding), then a prompt of it."""
 
-    def __init__(self, world: ShapesWorld, rng: np.random.Generator):
+    def __init__(self, world: ShapesWorld, rng: np.random.Generator, und_weights: Sequence[float]):
         self.world, self.rng = world, rng
-        self.by_category = [world.prompts("train", c) for c in world.categories]
+        self.by_category = [world.prompts("train", c) + world.prompts("eval", c) for c in world.categories]
+        self.und_p = np.asarray(und_weights, np.float64) / np.sum(und_weights)
 
-    def prompt(self) -> Prompt:
-        prompts = self.by_category[self.rng.integers(len(self.by_category))]
+    def prompt(self, category_p: np.ndarray | None = None) -> Prompt:
+        prompts = self.by_category[self.rng.choice(len(self.by_category), p=category_p)]
         return prompts[self.rng.integers(len(prompts))]
 
     def positives(self, n: int) -> tuple[list[str], torch.Tensor]:
@@ -123,7 +131,7 @@ class TaskSampler:
         """n judged pairs, half true: texts, scenes LongTensor[n, L], labels float[n]."""
         texts, scenes, labels = [], [], []
         for i in range(n):
-            prompt = self.prompt()
+            prompt = self.prompt(self.und_p)
             scene = self.world.sample_image(prompt, self.rng)
             label = i % 2 == 0
             if not label:
@@ -156,7 +164,7 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[ToyAdapter,
     )
     model = adapter.model
     model.train()
-    sampler = TaskSampler(world, np.random.default_rng([config.seed, 1]))
+    sampler = TaskSampler(world, np.random.default_rng([config.seed, 1]), config.und_category_weights)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -236,11 +244,14 @@ def pretrained_toy(config: PretrainConfig | None = None, progress: bool = True) 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ntkdyn.pretrain", description=__doc__.split("\n\n")[0])
     for f in fields(PretrainConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        if isinstance(f.default, tuple):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=float, nargs="+", default=f.default)
+        else:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     parser.add_argument("--out", default=None, help="save here instead of the cache")
     args = vars(parser.parse_args(argv))
     out = args.pop("out")
-    config = PretrainConfig(**args)
+    config = PretrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
     if out is None:
         pretrained_toy(config)
         print(f"toy model: {cache_dir(config)}")

@@ -34,14 +34,24 @@ WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "yes", "no", "red", "blue", "circle
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM._from_config(config, attn_implementation="eager")
 
@@ -103,13 +113,29 @@ def test_callback_in_trainer_with_gradient_accumulation(tmp_path):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, len(WORDS), (16, 6), generator=g)
     data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=2,
-                             gradient_accumulation_steps=2, max_steps=4, learning_rate=0.01, optim="sgd",
-                             lr_scheduler_type="constant", max_grad_norm=0.0, report_to="none",
-                             save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+        learning_rate=0.01,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data)
-    cb = ntkdyn.NTKDynamicsCallback(probes=probes(), out_dir=tmp_path / "run", every=2,
-                                    config=ntkdyn.ProjectionConfig(kind="exact"), loss_fn=lm_per_sample_loss)
+    cb = ntkdyn.NTKDynamicsCallback(
+        probes=probes(),
+        out_dir=tmp_path / "run",
+        every=2,
+        config=ntkdyn.ProjectionConfig(kind="exact"),
+        loss_fn=lm_per_sample_loss,
+    )
     trainer.add_callback(cb)
     cb.attach(trainer)
     trainer.train()
@@ -122,8 +148,14 @@ def test_callback_without_attach_fails_clearly(tmp_path):
     model = tiny_llama()
     ids = torch.randint(4, len(WORDS), (4, 6))
     data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=1, report_to="none", use_cpu=True,
-                             save_strategy="no", disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        max_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.add_callback(ntkdyn.NTKDynamicsCallback(probes=probes(), out_dir=tmp_path / "run", every=1))
     with pytest.raises(RuntimeError, match="attach"):
@@ -154,18 +186,37 @@ def test_callback_in_trl_dpo_trainer(tmp_path):
     model = tiny_llama()
     tokenizer = tiny_tokenizer()
     prompts = ["a red circle", "the blue square", "a blue circle", "the red square"] * 2
-    data = datasets.Dataset.from_dict({
-        "prompt": prompts,
-        "chosen": [" is yes", " is red", " yes", " circle"] * 2,
-        "rejected": [" is no", " no no", " blue", " square is"] * 2,
-    })
-    args = trl.DPOConfig(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=4, max_steps=4,
-                         learning_rate=0.01, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
-                         beta=BETA, precompute_ref_log_probs=True, report_to="none", save_strategy="no",
-                         logging_strategy="no", use_cpu=True, disable_tqdm=True)
+    data = datasets.Dataset.from_dict(
+        {
+            "prompt": prompts,
+            "chosen": [" is yes", " is red", " yes", " circle"] * 2,
+            "rejected": [" is no", " no no", " blue", " square is"] * 2,
+        }
+    )
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "dpo"),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=0.01,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        beta=BETA,
+        precompute_ref_log_probs=True,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-    cb = ntkdyn.NTKDynamicsCallback(probes=probes(), out_dir=tmp_path / "run", every=1,
-                                    config=ntkdyn.ProjectionConfig(kind="exact"), loss_fn=dpo_per_sample_loss)
+    cb = ntkdyn.NTKDynamicsCallback(
+        probes=probes(),
+        out_dir=tmp_path / "run",
+        every=1,
+        config=ntkdyn.ProjectionConfig(kind="exact"),
+        loss_fn=dpo_per_sample_loss,
+    )
     cb.attach(trainer)
     trainer.train()
     # DPOConfig trains under bf16 autocast by default: the real update is the bf16 gradient, the kernel

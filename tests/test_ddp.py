@@ -33,35 +33,11 @@ def test_two_processes_equal_one(tmp_path):
     prompts = stratified_prompts(world, "train", 12, seed=0)
     probe = collect_candidates(ToyAdapter.tiny(), world, prompts, torch.arange(12), 4, 1.0, 4, 0, 0, Dist())
     threshold = probe.p_yes.median().item()
-    args = [
-        "--model",
-        "toy-tiny",
-        "--run",
-        "dpo",
-        "--accept-threshold",
-        str(threshold),
-        "--no-track",
-        "--prompts",
-        "12",
-        "--candidates",
-        "4",
-        "--gen-batch",
-        "4",
-        "--max-steps",
-        "3",
-        "--batch-size",
-        "8",
-        "--micro-batch-size",
-        "2",
-        "--nll-weight",
-        "0.5",
-        "--lr",
-        "1e-3",
-        "--eval-prompts",
-        "6",
-        "--eval-candidates",
-        "2",
-    ]
+    args = ["--accept-threshold", str(threshold)] + (
+        "--model toy-tiny --run dpo --no-track --prompts 12 --candidates 4 --gen-batch 4 --max-steps 3 "
+        "--epochs 100 --batch-size 8 --micro-batch-size 2 --nll-weight 0.5 --lr 1e-3 --eval-prompts 6 "
+        "--eval-candidates 2"
+    ).split()
     one, two = tmp_path / "one", tmp_path / "two"
     root = str(Path(__file__).resolve().parents[1])
     env = {

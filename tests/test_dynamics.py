@@ -34,8 +34,15 @@ from ntkdyn.models.toy import ToyAdapter
 
 
 def float64_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=11, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    config = LlamaConfig(
+        vocab_size=11,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM._from_config(config, attn_implementation="eager").double().eval()
 
@@ -83,11 +90,21 @@ def toy_probes(adapter: ToyAdapter, per_category: int = 2):
     records = []
     for i, prompt in enumerate(prompts):
         for j in range(2):
-            image = images[i, j] if i % 2 else torch.as_tensor(world.sample_image(
-                world.parse_prompt(prompt), np.random.default_rng(i)))  # some truly aligned images
-            records.append({"prompt": prompt, "image": image.tolist(), "verdict": bool(judged[2 * i + j] > 0.5)
-                            if i % 3 else not bool(world.oracle(world.parse_prompt(prompt), image)),
-                            "oracle": bool(world.oracle(world.parse_prompt(prompt), image))})
+            image = (
+                images[i, j]
+                if i % 2
+                else torch.as_tensor(world.sample_image(world.parse_prompt(prompt), np.random.default_rng(i)))
+            )  # some truly aligned images
+            records.append(
+                {
+                    "prompt": prompt,
+                    "image": image.tolist(),
+                    "verdict": bool(judged[2 * i + j] > 0.5)
+                    if i % 3
+                    else not bool(world.oracle(world.parse_prompt(prompt), image)),
+                    "oracle": bool(world.oracle(world.parse_prompt(prompt), image)),
+                }
+            )
     return records, select_probes(records, per_category, seed=0, world=world)
 
 
@@ -104,7 +121,9 @@ def test_probe_selection_categories_and_round_trip(tmp_path):
     records, probes = toy_probes(adapter, per_category=3)
     for p in probes:
         if p.category == "unrelated":
-            assert p.oracle == adapter.world.oracle(adapter.world.parse_prompt(p.prompt), torch.tensor(p.image))
+            assert p.oracle == adapter.world.oracle(
+                adapter.world.parse_prompt(p.prompt), torch.tensor(p.image)
+            )
             assert p.prompt not in [r["prompt"] for r in records if tuple(r["image"]) == p.image]
         else:
             expected = "aligned" if p.oracle else ("false_positive" if p.verdict else "misaligned")
@@ -152,7 +171,8 @@ def test_tracker_in_hand_written_loop(tmp_path, optimizer):
     probe_rows = [r for r in rows if r["kind"] == "probe"]
     assert {r["step"] for r in rows} == {2, 4}
     assert {"step", "measurement", "probe", "category", "predicted", "predicted_features", "observed"} <= set(
-        probe_rows[0])
+        probe_rows[0]
+    )
     predicted = torch.tensor([r["predicted"] for r in probe_rows])
     features = torch.tensor([r["predicted_features"] for r in probe_rows])
     sgd = torch.tensor([r["predicted_sgd"] for r in probe_rows])
@@ -163,7 +183,9 @@ def test_tracker_in_hand_written_loop(tmp_path, optimizer):
         # per-sample contributions sum to the kernel form
         for r in probe_rows:
             if len(r["top_train"]) == 3:
-                assert sum(c for _, c in r["top_train"]) == pytest.approx(r["predicted_sgd"], rel=1e-4, abs=1e-7)
+                assert sum(c for _, c in r["top_train"]) == pytest.approx(
+                    r["predicted_sgd"], rel=1e-4, abs=1e-7
+                )
     summary = summarize_dynamics(rows)
     assert set(summary) == {"gen", "und"}
     for branch in ("gen", "und"):
@@ -189,7 +211,9 @@ def test_tracker_in_hand_written_loop(tmp_path, optimizer):
 def test_logged_kernel_equals_exact_ntk(tmp_path):
     adapter = ToyAdapter.tiny()
     _, probes = toy_probes(adapter)
-    groups = probe_groups(adapter, [p for p in probes if p.category == "aligned"], measurements=("gen", "und"))
+    groups = probe_groups(
+        adapter, [p for p in probes if p.category == "aligned"], measurements=("gen", "und")
+    )
     gen_group, und_group = groups
     expected = exact_ntk(adapter.model, und_group.fn, und_group.batch, gen_group.fn, gen_group.batch)
     tracker = DynamicsTracker(adapter.model, groups, tmp_path, every=1, config=ProjectionConfig(kind="exact"))
@@ -216,8 +240,10 @@ def test_truncate_dynamics_and_torn_lines(tmp_path):
     assert read_jsonl(path) == rows
     truncate_dynamics(tmp_path, 2)
     assert read_jsonl(path) == [r for r in rows if r["step"] <= 2]
-    assert sorted(p.name for p in (tmp_path / "kernels").iterdir()) == ["step_000001.safetensors",
-                                                                        "step_000002.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "kernels").iterdir()) == [
+        "step_000001.safetensors",
+        "step_000002.safetensors",
+    ]
 
 
 def test_metrics_against_direct_formulas():
@@ -229,7 +255,9 @@ def test_metrics_against_direct_formulas():
     d = (x.argsort().argsort() - y.argsort().argsort()).double()
     assert spearman(x, y) == pytest.approx(1 - 6 * float((d**2).sum()) / (50 * (50**2 - 1)), abs=1e-12)
     # ties share their mean rank
-    assert spearman(torch.tensor([1.0, 2.0, 2.0, 3.0]), torch.tensor([1.0, 2.5, 2.5, 4.0])) == pytest.approx(1.0)
+    assert spearman(torch.tensor([1.0, 2.0, 2.0, 3.0]), torch.tensor([1.0, 2.5, 2.5, 4.0])) == pytest.approx(
+        1.0
+    )
     solution = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), y[:, None]).solution
     assert slope(x, y) == pytest.approx(float(solution[0, 0]), abs=1e-10)
     assert sign_agreement(torch.tensor([1.0, -2.0, 3.0, 0.0]), torch.tensor([2.0, 1.0, 1.0, 0.0])) == 0.75
@@ -248,14 +276,28 @@ def test_metrics_against_direct_formulas():
 
 
 def test_summary_pools_branches_and_categories():
-    rows = [{"kind": "probe", "step": s, "branch": b, "measurement": m, "category": c, "observed": o,
-             "predicted": o * 1.1 + 0.01 * s, "predicted_features": o, "predicted_sgd": None}
-            for s in (1, 2) for b, m in (("gen", "gen"), ("und", "und"), ("und", "caption"))
-            for c in ("aligned", "false_positive") for o in (0.1 * s, -0.2, 0.05 * s)]
+    rows = [
+        {
+            "kind": "probe",
+            "step": s,
+            "branch": b,
+            "measurement": m,
+            "category": c,
+            "observed": o,
+            "predicted": o * 1.1 + 0.01 * s,
+            "predicted_features": o,
+            "predicted_sgd": None,
+        }
+        for s in (1, 2)
+        for b, m in (("gen", "gen"), ("und", "und"), ("und", "caption"))
+        for c in ("aligned", "false_positive")
+        for o in (0.1 * s, -0.2, 0.05 * s)
+    ]
     summary = summarize_dynamics(rows + [{"kind": "ntk", "step": 1}])
     und = [r for r in rows if r["branch"] == "und"]
-    assert summary["und"]["pearson"] == pytest.approx(pearson(torch.tensor([r["predicted"] for r in und]),
-                                                              torch.tensor([r["observed"] for r in und])))
+    assert summary["und"]["pearson"] == pytest.approx(
+        pearson(torch.tensor([r["predicted"] for r in und]), torch.tensor([r["observed"] for r in und]))
+    )
     assert summary["gen"]["features"]["pearson"] == pytest.approx(1.0)
     assert "sgd" not in summary["gen"]  # no kernel form logged
     assert summary["und"]["categories"]["aligned"]["n"] == 12
@@ -273,3 +315,43 @@ def test_bad_configuration_is_named():
         DynamicsTracker(model, [group, group], "/tmp/unused-ntkdyn", every=1)
     with pytest.raises(ValueError, match="every"):
         DynamicsTracker(model, [group], "/tmp/unused-ntkdyn", every=0)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    raw = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    ddp = torch.nn.parallel.DistributedDataParallel(raw)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    local = {"x": x[3 * rank : 3 * rank + 3], "y": y[3 * rank : 3 * rank + 3]}  # this rank's share
+
+    def loss_fn(m, batch):
+        return (m(batch["x"]).squeeze(-1) - batch["y"]) ** 2
+
+    def probe(m, batch):
+        return m(batch["x"]).squeeze(-1)
+
+    groups = [ProbeGroup("gen", probe, {"x": torch.randn(4, 3, generator=g, dtype=torch.float64)})]
+    tracker = DynamicsTracker(raw, groups, out_dir, every=1, config=ProjectionConfig(kind="exact"))
+    opt = torch.optim.SGD(raw.parameters(), lr=0.05)
+    tracker.before_step(1, raw, loss_fn, local)
+    loss_fn(ddp, local).mean().backward()  # DDP averages the ranks' gradients: the global mean loss
+    opt.step()
+    tracker.after_step(1, raw, 0.05)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_gathers_training_features_and_rank0_writes(tmp_path):
+    """Two gloo processes, each with half of the batch: the kernel form over the gathered training
+    features equals the exact first order of the DDP update (SGD), and only rank 0 wrote."""
+    torch.multiprocessing.spawn(
+        _ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "run")), nprocs=2, join=True
+    )
+    rows = [r for r in read_jsonl(tmp_path / "run" / "dynamics.jsonl") if r["kind"] == "probe"]
+    assert len(rows) == 4  # one writer
+    assert {u for r in rows for u, _ in r["top_train"]} <= set(range(6))
+    assert max(u for r in rows for u, _ in r["top_train"]) >= 3  # rank 1's samples are in the kernel form
+    for r in rows:
+        assert r["predicted_sgd"] == pytest.approx(r["predicted"], rel=1e-6, abs=1e-10)
+        assert r["predicted_features"] == pytest.approx(r["predicted"], rel=1e-6, abs=1e-10)

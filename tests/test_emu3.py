@@ -84,7 +84,7 @@ def test_gen_logprob_matches_incremental_decoding(adapter, images):
 
 
 def test_judge_on_encoded_pixels_matches_official_pixel_path(adapter, pixels, images):
-    got = adapter.judge(images, PROMPTS[:1])
+    got = adapter.judge(images, PROMPTS)
     yes = adapter.tokenizer.encode(" yes", add_special_tokens=False)[0]
     no = adapter.tokenizer.encode(" no", add_special_tokens=False)[0]
     for b, prompt in enumerate(PROMPTS):
@@ -96,7 +96,7 @@ def test_judge_on_encoded_pixels_matches_official_pixel_path(adapter, pixels, im
 
 
 def test_caption_logprob_matches_token_by_token(adapter, pixels, images):
-    got = adapter.caption_logprob(images, PROMPTS[:1])
+    got = adapter.caption_logprob(images, PROMPTS)
     for b, prompt in enumerate(PROMPTS):
         ids, logits = official_logits(
             adapter, pixels[b], UND.format(question="Describe the image.") + f" {prompt}"

@@ -67,7 +67,7 @@ def test_gen_logprob_matches_incremental_decoding(adapter, images):
 
 
 def test_judge_log_odds_match_unpadded_forward(adapter, images, pixels):
-    got = adapter.judge(images, PROMPTS[:1])
+    got = adapter.judge(images, PROMPTS)
     yes = adapter.tokenizer.encode(" yes", add_special_tokens=False)[0]
     no = adapter.tokenizer.encode(" no", add_special_tokens=False)[0]
     for b, prompt in enumerate(PROMPTS):
@@ -79,7 +79,7 @@ def test_judge_log_odds_match_unpadded_forward(adapter, images, pixels):
 
 
 def test_caption_logprob_matches_token_by_token(adapter, images, pixels):
-    got = adapter.caption_logprob(images, PROMPTS[:1])
+    got = adapter.caption_logprob(images, PROMPTS)
     for b, prompt in enumerate(PROMPTS):
         text = f"<|User|>: <image_placeholder>\nDescribe the image.\n\n<|Assistant|>: {prompt}"
         ids, logits = understanding_logits(adapter, pixels[b], text)

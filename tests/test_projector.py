@@ -271,6 +271,21 @@ def test_fn_with_several_forwards_accumulates_per_sample():
     )
 
 
+def test_per_sample_leaves_grads_alone_and_works_under_no_grad():
+    """The tracker calls per_sample between a trainer's backward and its optimizer step."""
+    model = tiny_llama()
+    batch = token_batch()
+    fn_value = lm_logprob(model, batch).sum()
+    fn_value.backward()
+    saved = {n: p.grad.clone() for n, p in model.named_parameters()}
+    projector = GradientProjector(model, ProjectionConfig(k=8))
+    features = projector.per_sample(lm_logprob, batch)
+    with torch.no_grad():
+        torch.testing.assert_close(projector.per_sample(lm_logprob, batch), features)
+    for name, param in model.named_parameters():
+        assert torch.equal(param.grad, saved[name]), name
+
+
 # ---------------------------------------------------------------- selection, determinism
 def test_parameter_selection_by_pattern_and_module_type():
     model = tiny_llama()
@@ -320,6 +335,11 @@ def test_bad_input_errors_name_the_problem():
         projector.per_sample(lambda m, b: lm_logprob(m, b)[:, None], batch)
     with pytest.raises(ValueError, match="batch dimension 2"):
         projector.per_sample(lambda m, b: lm_logprob(m, (b[0][:2], b[1][:2])).repeat(2)[:3], batch)
+    with pytest.raises(ValueError, match="not broadcasts"):  # one forward per sample: rows not aligned
+        projector.per_sample(
+            lambda m, b: torch.cat([lm_logprob(m, (b[0][i : i + 1], b[1][i : i + 1])) for i in range(3)]),
+            batch,
+        )
     with pytest.raises(ValueError, match="no tracked parameters"):
         GradientProjector(model, ProjectionConfig(exclude=("*",)))
     model.model.norm.weight.requires_grad_(False)

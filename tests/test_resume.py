@@ -11,37 +11,11 @@ import pytest
 from ntkdyn.track import main
 from ntkdyn.trainer.checkpoint import read_jsonl
 
-ARGS = [
-    "--model",
-    "toy-tiny",
-    "--run",
-    "sft",
-    "--judge",
-    "none",
-    "--no-track",
-    "--prompts",
-    "6",
-    "--candidates",
-    "2",
-    "--gen-batch",
-    "3",
-    "--max-steps",
-    "8",
-    "--rounds",
-    "2",
-    "--batch-size",
-    "4",
-    "--micro-batch-size",
-    "2",
-    "--checkpoint-every",
-    "4",
-    "--eval-every",
-    "5",
-    "--eval-prompts",
-    "6",
-    "--eval-candidates",
-    "2",
-]
+ARGS = (
+    "--model toy-tiny --run sft --judge none --no-track --prompts 6 --candidates 2 --gen-batch 3 "
+    "--max-steps 8 --rounds 2 --batch-size 4 --micro-batch-size 2 --checkpoint-every 4 --eval-every 5 "
+    "--eval-prompts 6 --eval-candidates 2"
+).split()
 
 # Runs ntkdyn.track with one more hook that sends SIGKILL to its own process right after optimizer step K.
 DRIVER = """

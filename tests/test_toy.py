@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from ntkdyn.models import load_adapter
 from ntkdyn.models.toy import ToyAdapter
@@ -24,13 +25,20 @@ def batch(toy):
 
 
 def next_token_logits(toy, sequence: list[int]) -> torch.Tensor:
-    """Logits [T, V] computed one token at a time with a KV cache, no padding, float64."""
+    """Logits [T, V] computed one token at a time with a KV cache, no padding, float64; each image
+    token's input is its token embedding plus the embedding of its cell (1 + its rank)."""
     model = toy.model.double()
-    cache, rows = None, []
+    cache, rows, cell = None, [], 0
     with torch.no_grad():
         for t, token in enumerate(sequence):
-            out = model(
-                input_ids=torch.tensor([[token]]),
+            is_image = toy.image_offset <= token < toy.image_offset + toy.codebook_size
+            cell = cell + 1 if is_image else cell
+            embed = model.model.embed_tokens.weight[token] + (
+                model.cell_embed.weight[cell] if is_image else 0
+            )
+            out = LlamaForCausalLM.forward(
+                model,
+                inputs_embeds=embed[None, None],
                 position_ids=torch.tensor([[t]]),
                 cache=cache,
                 use_cache=True,

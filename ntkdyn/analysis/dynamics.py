@@ -124,11 +124,15 @@ def first_order_change(
     gradient checkpointing, are not allowed inside functorch transforms.) Returns two Tensor[B].
     """
     if set(params) != set(delta):
-        raise ValueError(f"first_order_change: params and delta name different parameters: "
-                         f"{sorted(set(params) ^ set(delta))[:5]}")
+        raise ValueError(
+            f"first_order_change: params and delta name different parameters: "
+            f"{sorted(set(params) ^ set(delta))[:5]}"
+        )
     wrapper = _CallFn(model, fn, batch)
     with fwad.dual_level(), torch.no_grad():
-        duals = {f"model.{n}": fwad.make_dual(p.detach(), delta[n].detach().to(p.dtype)) for n, p in params.items()}
+        duals = {
+            f"model.{n}": fwad.make_dual(p.detach(), delta[n].detach().to(p.dtype)) for n, p in params.items()
+        }
         value, change = fwad.unpack_dual(torch.func.functional_call(wrapper, duals, ()))
     if change is None:
         raise ValueError("first_order_change: fn's output does not depend on the given parameters")
@@ -142,8 +146,11 @@ def measuring(model: nn.Module) -> Iterator[None]:
     bf16 rounding would swamp one step's change), a forked RNG, no DDP gradient sync, and
     every parameter's ``.grad`` kept aside; all restored on exit."""
     modes = [(m, m.training) for m in model.modules()]
-    wrapped = [(m, m.__dict__["forward"]) for m in model.modules()
-               if "_original_forward" in m.__dict__ and "forward" in m.__dict__]
+    wrapped = [
+        (m, m.__dict__["forward"])
+        for m in model.modules()
+        if "_original_forward" in m.__dict__ and "forward" in m.__dict__
+    ]
     params = list(model.parameters())
     grads = [p.grad for p in params]
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
@@ -233,9 +240,7 @@ class DynamicsTracker:
         with measuring(model):
             if pending is None or pending.step != step:
                 tracked = self.projector.tracked_parameters()
-                features = {
-                    g.name: self.projector.per_sample(g.fn, g.batch) for g in self.probes
-                }
+                features = {g.name: self.projector.per_sample(g.fn, g.batch) for g in self.probes}
                 before = {n: p.detach().clone() for n, p in tracked.items()}
                 pending = self._pending = _Pending(step=step, before=before, features=features)
             if loss_fn is not None:
@@ -324,8 +329,9 @@ class DynamicsTracker:
         labels) the mean same-pair cosine cos(φ_a(o), φ_b(o)) overall and per category."""
         phis: dict[str, torch.Tensor] = {}
         for g in self.probes:
-            phis[g.measurement] = torch.cat([phis.get(g.measurement, torch.empty(0)),
-                                             pending.features[g.name].double().cpu()])
+            phis[g.measurement] = torch.cat(
+                [phis.get(g.measurement, torch.empty(0)), pending.features[g.name].double().cpu()]
+            )
         labels = {m: [r["probe"] for r in rows if r["measurement"] == m] for m in phis}
         categories = {m: [r["category"] for r in rows if r["measurement"] == m] for m in phis}
         if train is not None:
@@ -345,7 +351,9 @@ class DynamicsTracker:
         for i, a in enumerate(probe_ms):
             for b in probe_ms[:i]:
                 if phis[a].shape[0] == phis[b].shape[0]:
-                    row[f"ntk/alignment/{a},{b}"] = kernel_alignment(tensors[f"K/{a},{a}"], tensors[f"K/{b},{b}"])
+                    row[f"ntk/alignment/{a},{b}"] = kernel_alignment(
+                        tensors[f"K/{a},{a}"], tensors[f"K/{b},{b}"]
+                    )
                 if labels[a] == labels[b]:
                     cos = torch.diagonal(tensors[f"Kcos/{a},{b}"])
                     row[f"ntk/cross_cos/{a},{b}"] = float(cos.mean())

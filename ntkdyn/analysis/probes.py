@@ -67,9 +67,14 @@ class ProbeGroup:
         self.branch = self.branch or BRANCH_OF_MEASUREMENT.get(self.measurement, self.measurement)
         if self.measurement == TRAIN:
             raise ValueError(f"ProbeGroup.measurement {TRAIN!r} is reserved for the training losses")
-        if self.labels is not None and self.categories is not None and len(self.labels) != len(self.categories):
-            raise ValueError(f"ProbeGroup {self.name!r}: {len(self.labels)} labels but "
-                             f"{len(self.categories)} categories")
+        if (
+            self.labels is not None
+            and self.categories is not None
+            and len(self.labels) != len(self.categories)
+        ):
+            raise ValueError(
+                f"ProbeGroup {self.name!r}: {len(self.labels)} labels but {len(self.categories)} categories"
+            )
 
     def sample_labels(self, n: int) -> list[str]:
         """The n samples' labels (checked against ``labels`` when given)."""
@@ -84,8 +89,9 @@ class ProbeGroup:
         if self.categories is None:
             return [self.category] * n
         if len(self.categories) != n:
-            raise ValueError(f"probe group {self.name!r}: fn gave {n} samples for {len(self.categories)} "
-                             "categories")
+            raise ValueError(
+                f"probe group {self.name!r}: fn gave {n} samples for {len(self.categories)} categories"
+            )
         return list(self.categories)
 
 
@@ -159,8 +165,9 @@ def load_probes(path: str | os.PathLike) -> list[Probe]:
     return [Probe(**{**d, "image": tuple(d["image"])}) for d in json.loads(Path(path).read_text())]
 
 
-def probe_groups(adapter: UnifiedAdapter, probes: Sequence[Probe],
-                 measurements: Sequence[str] = MEASUREMENTS) -> list[ProbeGroup]:
+def probe_groups(
+    adapter: UnifiedAdapter, probes: Sequence[Probe], measurements: Sequence[str] = MEASUREMENTS
+) -> list[ProbeGroup]:
     """One ProbeGroup per measurement over every probe (one batched evaluation each): name and
     measurement ``measurement``, batch ``{"prompts", "images": LongTensor[B, L]}``, fn
     ``adapter.measurement(measurement)``, per-sample categories, labels ``f"{category}/{i}"``
@@ -173,6 +180,18 @@ def probe_groups(adapter: UnifiedAdapter, probes: Sequence[Probe],
     for p in chosen:
         labels.append(f"{p.category}/{seen.setdefault(p.category, 0)}")
         seen[p.category] += 1
-    batch = {"prompts": [p.prompt for p in chosen], "images": torch.tensor([p.image for p in chosen], dtype=torch.long)}
-    return [ProbeGroup(name=m, fn=adapter.measurement(m), batch=batch, measurement=m, labels=labels,
-                       categories=[p.category for p in chosen]) for m in measurements]
+    batch = {
+        "prompts": [p.prompt for p in chosen],
+        "images": torch.tensor([p.image for p in chosen], dtype=torch.long),
+    }
+    return [
+        ProbeGroup(
+            name=m,
+            fn=adapter.measurement(m),
+            batch=batch,
+            measurement=m,
+            labels=labels,
+            categories=[p.category for p in chosen],
+        )
+        for m in measurements
+    ]

@@ -332,24 +332,31 @@ class GradientProjector:
                 f"incompatible projectors (feature dims {self.feature_dim} vs {other.feature_dim}): {detail}"
             )
 
+    @torch.enable_grad()
     def per_sample(self, fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any) -> torch.Tensor:
         """Phi [B, D] float32: row b projects grad_theta fn(model, batch)[b] (fn returns Tensor[B]).
 
-        One forward and one backward; the model's .grad fields are not touched. A hooked module called
-        with one row whose output is broadcast over the batch (e.g. GPT-2's position embedding on
-        position_ids [1, T]) has no per-sample output-gradient: fn is then run a second time with
-        that output expanded to B rows (same values), which gives one.
+        One forward and one backward (also under an outer torch.no_grad); .grad fields are not
+        touched. A hooked module called with one row whose output is broadcast over the batch (e.g.
+        GPT-2's position embedding on position_ids [1, T]) has no per-sample output-gradient: fn is
+        then run a second time with that output expanded to B rows (same values), which gives one.
         """
         values, calls = self._run(fn, batch, {})
         B = values.shape[0]
         broadcast = {id(c.module): B for c in calls if self._batch_rows(c) == 1 and B > 1}
         if broadcast:
             first = values.detach()
-            values, calls = self._run(fn, batch, broadcast)
+            names = sorted({c.module_name for c in calls if id(c.module) in broadcast})
+            not_broadcast = ValueError(
+                f"forwards of {names} inside fn had 1 row but fn returned {B} values, and they are not "
+                "broadcasts over the batch: every forward inside fn must have B rows aligned with fn's output"
+            )
+            try:
+                values, calls = self._run(fn, batch, broadcast)
+            except Exception as error:
+                raise not_broadcast from error
             if values.shape != first.shape or not torch.allclose(values.detach(), first):
-                raise ValueError(
-                    "fn changed its output when single-row module outputs were expanded to B rows"
-                )
+                raise not_broadcast
         for call in calls:
             rows = self._batch_rows(call)
             if rows != B:
@@ -391,8 +398,7 @@ class GradientProjector:
 
         handles = [m.register_forward_hook(hook, with_kwargs=True) for _, m in self._hooked.values()]
         try:
-            with torch.enable_grad():
-                values = fn(self.model, batch)
+            values = fn(self.model, batch)
         finally:
             for handle in handles:
                 handle.remove()

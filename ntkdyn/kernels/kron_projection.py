@@ -38,7 +38,7 @@ def kron_projection_reference(
     leaks). Returns float32 [B, KX, KY].
     """
     xf, yf = x.float(), y.float()
-    if mask is not None:
+    if mask is not None and not bool(mask.all()):
         keep = mask.bool().unsqueeze(-1)
         xf = torch.where(keep, xf, 0.0)
         yf = torch.where(keep, yf, 0.0)
@@ -98,7 +98,7 @@ def _kron_projection_kernel(
     re-read from L2 by every program, so in-kernel generation would save little bandwidth while
     requiring a second, Philox-exact reference of Triton's RNG on the CPU.
     """
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # B * stride_xb may exceed int32
     split = tl.program_id(1)
     tile = tl.program_id(2)
     n_ky_tiles = tl.cdiv(KY, BLOCK_KY)

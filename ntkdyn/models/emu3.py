@@ -220,7 +220,7 @@ class Emu3Adapter(UnifiedAdapter):
         Code logits l = lm_head logits at the visual tokens (codebook order); guided
         l = l_u + s (l_c - l_u) against the empty prompt (s = guidance_scale); each code
         is drawn from softmax(l / temperature); eol is fed after every row. KV cache over
-        the left-padded batch.
+        the left-padded batch. generator must live on the model's device.
         """
         check_prompts(prompts)
         if n < 1 or temperature <= 0:

@@ -212,7 +212,7 @@ class JanusAdapter(UnifiedAdapter):
 
         Each code is drawn from softmax(l / temperature), l = l_u + s (l_c - l_u) (s =
         guidance_scale; l_c, l_u = generation_head logits of the prompted and unconditional
-        rows), with a KV cache over the left-padded batch.
+        rows), with a KV cache over the left-padded batch; generator lives on the model's device.
         """
         check_prompts(prompts)
         if n < 1 or temperature <= 0:

@@ -1,15 +1,18 @@
 """The toy early-fusion unified model for ShapesWorld (Emu3/Chameleon style, at toy scale).
 
-One LlamaForCausalLM (eager attention, tied input/output embeddings) over one vocabulary
-holding special tokens, the world's words and one token per cell code. Sequences
+One LlamaForCausalLM (ToyUnifiedLM: eager attention, tied input/output embeddings, plus a
+learned embedding of each image token's grid cell) over one vocabulary holding special
+tokens, the world's words and one token per cell code. Sequences
 (left-padded in batches; position ids count only real tokens, so padding changes nothing):
 
     generation     <bos> y_1..y_m <img> x_1..x_L                  log pi(x|y): softmax over image tokens
     understanding  <bos> <img> x_1..x_L </img> does this image describe y_1..y_m ?  -> yes | no
     captioning     <bos> <img> x_1..x_L </img> <cap> y_1..y_m      log pi(y|x): softmax over the vocabulary
 
-x are cell codes (a toy image is a ShapesWorld image) and y the prompt's words. The image
-comes first in understanding and captioning, so cell i always sits at position i + 1.
+x are cell codes (a toy image is a ShapesWorld image) and y the prompt's words. The cell
+embedding makes rows, columns and hence relations readable from each image token (with RoPE
+alone, attention values carry no position and a 4-layer model did not learn relations in
+the pre-training budget).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ntkdyn.models.base import Judgement, UnifiedAdapter
@@ -62,6 +66,33 @@ class ToyConfig:
             )
 
 
+class ToyUnifiedLM(LlamaForCausalLM):
+    """LlamaForCausalLM whose image tokens also get a learned embedding of their grid cell.
+
+    inputs_embeds = embed_tokens(input_ids) + cell_embed(cell), cell = 1 + index of the image
+    token among the sequence's image tokens (0 for every other token; that row stays zero), so
+    a cell's position (hence rows, columns and relations) can be read from its own residual
+    stream. Cells are counted over the whole input_ids, so call it on full sequences.
+    """
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+        self.cell_embed = nn.Embedding(config.num_cells + 1, config.hidden_size, padding_idx=0)
+        self.post_init()
+        with torch.no_grad():
+            self.cell_embed.weight[0].zero_()
+
+    def cell_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] -> [B, T]: 1 + rank of each image token in its row, 0 elsewhere."""
+        start = self.config.image_token_offset
+        is_image = (input_ids >= start) & (input_ids < start + self.config.codebook_size)
+        return (is_image.long().cumsum(1) * is_image).clamp(max=self.config.num_cells)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        embeds = self.model.embed_tokens(input_ids) + self.cell_embed(self.cell_ids(input_ids))
+        return super().forward(inputs_embeds=embeds, **kwargs)
+
+
 def toy_vocabulary(world: ShapesWorld) -> list[str]:
     """Token strings in id order: specials, words, question words, then "img:<code>" per cell code."""
     return [*SPECIALS, *world.words, *QUESTION, *ANSWERS, *(f"img:{c}" for c in range(world.codebook_size))]
@@ -70,7 +101,7 @@ def toy_vocabulary(world: ShapesWorld) -> list[str]:
 class ToyAdapter(UnifiedAdapter):
     """UnifiedAdapter of the toy model. ``world`` is the ShapesWorld its images live in."""
 
-    def __init__(self, model: LlamaForCausalLM, world: ShapesWorld, config: ToyConfig):
+    def __init__(self, model: ToyUnifiedLM, world: ShapesWorld, config: ToyConfig):
         self.model = model
         self.world = world
         self.config = config
@@ -104,10 +135,13 @@ class ToyAdapter(UnifiedAdapter):
             pad_token_id=vocab.index("<pad>"),
             bos_token_id=vocab.index("<bos>"),
             eos_token_id=vocab.index("<eos>"),
+            num_cells=world.image_tokens,
+            image_token_offset=vocab.index("img:0"),
+            codebook_size=world.codebook_size,
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = LlamaForCausalLM._from_config(llama, attn_implementation="eager")
+            model = ToyUnifiedLM._from_config(llama, attn_implementation="eager")
         return cls(model, world, config)
 
     @classmethod
@@ -138,7 +172,7 @@ class ToyAdapter(UnifiedAdapter):
         )
         if meta["vocab"] != toy_vocabulary(world):
             raise ValueError(f"the vocabulary saved in {meta_path} differs from this ShapesWorld's")
-        model = LlamaForCausalLM.from_pretrained(directory, attn_implementation="eager")
+        model = ToyUnifiedLM.from_pretrained(directory, attn_implementation="eager")
         return cls(model, world, config)
 
     # -------------------------------------------------------------- sequences

@@ -103,21 +103,35 @@ class NTKDynamicsCallback(TrainerCallback):
         device = next(module.parameters()).device
         if self.tracker is None:
             groups = [
-                ProbeGroup(name, fn, _to_device(batch, device), measurement=name.split("/")[0],
-                           category=name.split("/")[-1])
+                ProbeGroup(
+                    name,
+                    fn,
+                    _to_device(batch, device),
+                    measurement=name.split("/")[0],
+                    category=name.split("/")[-1],
+                )
                 for name, (fn, batch) in self.probes.items()
             ]
-            self.tracker = DynamicsTracker(module, groups, self.out_dir, every=self.every, config=self.config,
-                                           top_contributors=self.top_contributors)
+            self.tracker = DynamicsTracker(
+                module,
+                groups,
+                self.out_dir,
+                every=self.every,
+                config=self.config,
+                top_contributors=self.top_contributors,
+            )
         if self.tracker.open_step != step:  # first micro-batch of the step: its learning rate
             scheduler = trainer.lr_scheduler
-            self._lr = float(scheduler.get_last_lr()[0]) if scheduler is not None else trainer.args.learning_rate
+            self._lr = (
+                float(scheduler.get_last_lr()[0]) if scheduler is not None else trainer.args.learning_rate
+            )
         self.tracker.before_step(step, model, self.loss_fn, _to_device(inputs, device))
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not self._attached:
-            raise RuntimeError("NTKDynamicsCallback needs the step's batches: call cb.attach(trainer) before "
-                               "trainer.train()")
+            raise RuntimeError(
+                "NTKDynamicsCallback needs the step's batches: call cb.attach(trainer) before trainer.train()"
+            )
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.tracker is not None and state.global_step % self.every == 0:

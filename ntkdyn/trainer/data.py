@@ -127,7 +127,8 @@ def collect_candidates(
         merged.update(part)
     if not chunks:  # nothing to sample (an empty discard pool)
         images = torch.zeros(0, n, adapter.image_tokens, dtype=torch.long)
-        return Candidates(prompt_index.clone(), images, torch.zeros(0, n), torch.zeros(0, n, dtype=torch.bool))
+        empty = torch.zeros(0, n)
+        return Candidates(prompt_index.clone(), images, empty, empty.bool())
     images, p_yes, oracle = (torch.cat([merged[c][k] for c in range(len(chunks))]) for k in range(3))
     return Candidates(prompt_index=prompt_index.clone(), images=images, p_yes=p_yes, oracle=oracle)
 

@@ -74,11 +74,10 @@ def objective_terms(
             out["sft/nll"] = -adapter.gen_logprob(batch["prompts"], batch["images"]) / tokens
             loss = out["sft/nll"]
         else:
-            size = len(batch["prompts"])
-            both = adapter.gen_logprob(
-                list(batch["prompts"]) * 2, torch.cat([batch["images"], batch["rejected"]])
-            )
-            chosen, rejected = both[:size], both[size:]
+            # two forwards of B rows each (not one of 2B): the projector needs every forward inside a
+            # per-sample fn to have one row per output
+            chosen = adapter.gen_logprob(batch["prompts"], batch["images"])
+            rejected = adapter.gen_logprob(batch["prompts"], batch["rejected"])
             out["dpo/loss"] = dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], beta)
             out["rewards/chosen"] = beta * (chosen - batch["ref_chosen"]).detach()
             out["rewards/rejected"] = beta * (rejected - batch["ref_rejected"]).detach()

@@ -1,0 +1,161 @@
+"""Tracking overhead and prediction quality: a tracked step against a plain step of the same run.
+
+The default toy unified model (ToyConfig size, randomly initialised from seed 0, or a saved one
+with --model-dir) trains with the default DPO objective of ``python -m ntkdyn.track --run dpo``
+(AdamW at its default lr, beta, understanding replay; batch of --batch pairs). Steps alternate:
+odd steps plain (forward/backward/AdamW), even steps tracked (before_step + the same step +
+after_step), so both are timed on the same model in the same process. For every projection size
+and probe count of the grid, it prints the median plain and tracked step times, the overhead
+factor, and the Pearson correlation of predicted with observed change (exact first order,
+features, SGD kernel form) per branch over the run's tracked steps, as a Markdown table.
+
+    python benchmarks/tracking.py                      # the grid of BENCHMARKS.md
+    python benchmarks/tracking.py --ks 64 --probes 8   # one configuration
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ntkdyn import ProjectionConfig
+from ntkdyn.analysis.dynamics import DynamicsTracker, read_jsonl, summarize_dynamics
+from ntkdyn.analysis.probes import probe_groups, select_probes
+from ntkdyn.models.toy import ToyAdapter
+from ntkdyn.trainer.config import TrainConfig
+from ntkdyn.trainer.data import replay_batch
+from ntkdyn.trainer.losses import make_loss_fn, objective_terms
+from ntkdyn.world import ShapesWorld
+
+
+def build_adapter(model_dir: str | None) -> ToyAdapter:
+    return (
+        ToyAdapter.from_pretrained(model_dir) if model_dir else ToyAdapter.build(ShapesWorld(seed=0), seed=0)
+    )
+
+
+def pretrained_records(adapter: ToyAdapter, n_prompts: int) -> list[dict]:
+    """The model's own judged generations on eval prompts (the tracker's probe pool)."""
+    world = adapter.world
+    prompts = world.prompts("eval")[:: max(1, len(world.prompts("eval")) // n_prompts)][:n_prompts]
+    texts = [p.text for p in prompts]
+    images = adapter.generate(texts, 2, generator=torch.Generator().manual_seed(0))
+    flat, flat_texts = images.flatten(0, 1), [t for t in texts for _ in range(2)]
+    with torch.no_grad():
+        verdict = adapter.judge(flat, flat_texts).p_yes > 0.5
+    return [
+        {
+            "prompt": t,
+            "image": x.tolist(),
+            "verdict": bool(v),
+            "oracle": world.oracle(world.parse_prompt(t), x),
+        }
+        for t, x, v in zip(flat_texts, flat, verdict, strict=True)
+    ]
+
+
+def dpo_batch(adapter: ToyAdapter, reference: ToyAdapter, size: int, step: int, cfg: TrainConfig) -> dict:
+    """size DPO pairs (chosen: a true scene of the prompt; rejected: a world negative of it) with the
+    reference model's log-probs, plus the understanding replay pairs of the default run."""
+    world = adapter.world
+    rng = np.random.default_rng(step)
+    train = world.prompts("train")
+    prompts = [train[i] for i in rng.choice(len(train), size, replace=False)]
+    chosen = [torch.as_tensor(world.sample_image(p, rng)) for p in prompts]
+    rejected = [world.negatives(p, x, rng)[0][1] for p, x in zip(prompts, chosen, strict=True)]
+    batch = {
+        "prompts": [p.text for p in prompts],
+        "images": torch.stack(chosen),
+        "rejected": torch.stack([torch.as_tensor(x) for x in rejected]),
+    }
+    with torch.no_grad():
+        batch["ref_chosen"] = reference.gen_logprob(batch["prompts"], batch["images"])
+        batch["ref_rejected"] = reference.gen_logprob(batch["prompts"], batch["rejected"])
+    if cfg.replay_weight:
+        batch.update(replay_batch(world, train, size, cfg.seed, step))
+    return batch
+
+
+def run(
+    model_dir: str | None, kind: str, k: int | None, per_category: int, steps: int, batch_size: int
+) -> dict:
+    cfg = TrainConfig(run="dpo")
+    adapter, reference = build_adapter(model_dir), build_adapter(model_dir)
+    model = adapter.model
+    loss_fn = make_loss_fn(objective_terms(adapter, "dpo", cfg.beta, cfg.nll_weight, cfg.replay_weight))
+    probes = select_probes(pretrained_records(adapter, 4 * per_category), per_category, world=adapter.world)
+    out = tempfile.mkdtemp(prefix="ntkdyn-bench-")
+    tracker = DynamicsTracker(
+        model, probe_groups(adapter, probes), out, every=2, config=ProjectionConfig(kind=kind, k=k)
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    plain, tracked = [], []
+    model.train()
+    for step in tqdm(range(1, steps + 1), desc=f"{kind} k={k} probes/cat={per_category}", leave=False):
+        batch = dpo_batch(adapter, reference, batch_size, step, cfg)
+        start = time.perf_counter()
+        tracker.before_step(step, model, loss_fn, batch)
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, batch).mean().backward()
+        opt.step()
+        tracker.after_step(step, model, cfg.lr)
+        (tracked if tracker.is_tracked(step) else plain).append(time.perf_counter() - start)
+    summary = summarize_dynamics(read_jsonl(f"{out}/dynamics.jsonl"))
+    return {
+        "kind": kind,
+        "k": k,
+        "probes": len(probes) * len(tracker.probes),
+        "D": tracker.projector.feature_dim,
+        "plain_s": statistics.median(plain),
+        "tracked_s": statistics.median(tracked),
+        **{
+            f"{b}_{name}": (summary[b] if name == "exact" else summary[b].get(name, {})).get(
+                "pearson", float("nan")
+            )
+            for b in ("gen", "und")
+            for name in ("exact", "features", "sgd")
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model-dir", default=None, help="a saved ToyAdapter (default: random default-size toy)"
+    )
+    parser.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64, 128], help="kronecker factor sizes")
+    parser.add_argument("--exact", action="store_true", help="also run kind='exact' (no projection)")
+    parser.add_argument("--probes", type=int, nargs="+", default=[2, 8], help="probe pairs per category")
+    parser.add_argument("--steps", type=int, default=8, help="steps per configuration (half of them tracked)")
+    parser.add_argument("--batch", type=int, default=32, help="DPO pairs per step")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    configs = [("kronecker", k, p) for p in args.probes for k in args.ks]
+    if args.exact:
+        configs += [("exact", None, p) for p in args.probes]
+    header = (
+        "| kind | k | probes | D | plain step (s) | tracked step (s) | overhead "
+        "| gen r exact | gen r features | gen r sgd | und r exact | und r features | und r sgd |"
+    )
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for kind, k, p in configs:
+        r = run(args.model_dir, kind, k, p, args.steps, args.batch)
+        print(
+            f"| {r['kind']} | {r['k'] or '-'} | {r['probes']} | {r['D']} | {r['plain_s']:.2f} | "
+            f"{r['tracked_s']:.2f} | {r['tracked_s'] / r['plain_s']:.1f}x | {r['gen_exact']:.3f} | "
+            f"{r['gen_features']:.3f} | {r['gen_sgd']:.3f} | {r['und_exact']:.3f} | "
+            f"{r['und_features']:.3f} | {r['und_sgd']:.3f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

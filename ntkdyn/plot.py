@@ -1,0 +1,280 @@
+"""Figures of a run: ``python -m ntkdyn.plot RUN_DIR`` writes PNG and PDF into RUN_DIR/figures.
+
+Each figure function takes the run's parsed logs and returns a matplotlib Figure (never shown),
+or raises MissingData naming what the run lacks; ``plot_run`` skips those figures and says so.
+
+    co_improvement      eval.jsonl: gen_alignment, und_accuracy, co/fp_rejected (former false
+                        positives now rejected), co/tp_kept over training steps
+    dynamics_scatter    dynamics.jsonl: predicted vs observed change per branch (columns) for the
+                        exact first-order and the feature predictors (rows), coloured by category
+    kernel_heatmaps     kernels/step_*.safetensors: the cosine-normalised eNTK over all probes
+                        (blocks gen,gen / und,gen / und,und / caption...) at the first and last step
+    shared_kernel       dynamics.jsonl ntk rows: same-pair cosine cos(φ_und(o), φ_gen(o)) per
+                        category and kernel alignment between gen and und over training
+    non_unification     summary.json: non-unification per prompt category, before and after
+    data_growth         data.jsonl: training items and discard pool per round (curriculum)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from ntkdyn.analysis.dynamics import read_jsonl
+from ntkdyn.analysis.metrics import pearson
+
+
+class MissingData(Exception):
+    """The run lacks the data a figure needs (the message says which)."""
+
+
+def _need(condition: bool, message: str) -> None:
+    if not condition:
+        raise MissingData(message)
+
+
+def co_improvement(eval_rows: list[dict]) -> Figure:
+    """Generation alignment, understanding accuracy and false-positive rejection vs step."""
+    keys = {
+        "gen_alignment": "generation alignment",
+        "und_accuracy": "understanding accuracy",
+        "co/fp_rejected": "former false positives rejected",
+        "co/tp_kept": "true positives kept",
+    }
+    rows = sorted((r for r in eval_rows if "gen_alignment" in r), key=lambda r: r["step"])
+    _need(len(rows) >= 1, "eval.jsonl has no evaluation rows (gen_alignment)")
+    fig = Figure(figsize=(6.5, 4), layout="constrained")
+    ax = fig.subplots()
+    for key, label in keys.items():
+        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, marker="o", label=label)
+    ax.set(xlabel="optimizer step", ylabel="rate", ylim=(-0.02, 1.02), title="Co-improvement during training")
+    ax.legend(loc="best", fontsize=8)
+    return fig
+
+
+def dynamics_scatter(dynamics_rows: list[dict]) -> Figure:
+    """Predicted vs observed change of every probe at every tracked step, per branch; Pearson in titles."""
+    rows = [r for r in dynamics_rows if r.get("kind") == "probe"]
+    _need(bool(rows), "dynamics.jsonl has no probe rows (was tracking on?)")
+    branches = list(dict.fromkeys(r["branch"] for r in rows))
+    categories = list(dict.fromkeys(r["category"] for r in rows))
+    palette = dict(zip(categories, sns.color_palette("tab10", len(categories)), strict=True))
+    predictors = {"predicted": "exact first order (jvp)", "predicted_features": "features <φ, PΔθ>"}
+    fig = Figure(figsize=(4.2 * len(branches), 7.6), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(predictors), len(branches), squeeze=False))
+    for i, (key, label) in enumerate(predictors.items()):
+        for j, branch in enumerate(branches):
+            ax = axes[i, j]
+            in_branch = [r for r in rows if r["branch"] == branch]
+            x = np.array([r[key] for r in in_branch])
+            y = np.array([r["observed"] for r in in_branch])
+            sns.scatterplot(
+                x=x,
+                y=y,
+                hue=[r["category"] for r in in_branch],
+                palette=palette,
+                s=14,
+                ax=ax,
+                legend=(i == 0 and j == len(branches) - 1),
+            )
+            lim = float(max(np.abs(x).max(), np.abs(y).max(), 1e-12)) * 1.05
+            ax.plot([-lim, lim], [-lim, lim], color="0.5", lw=0.8, ls="--")
+            ax.set(
+                xlim=(-lim, lim),
+                ylim=(-lim, lim),
+                xlabel=f"predicted: {label}",
+                ylabel="observed change",
+                title=f"{branch}: Pearson {pearson(x, y):.3f} (n={len(x)})",
+            )
+    fig.suptitle("Predicted vs observed change per probe and tracked step")
+    return fig
+
+
+def _probe_kernel(path: Path) -> tuple[np.ndarray, list[str], list[int]]:
+    """The cosine-normalised kernel over all probes (measurements in order), their names and the
+    block boundaries, from one kernels/step_*.safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        labels = json.loads(f.metadata()["labels"])
+        measurements = list(labels)
+        blocks = {key: f.get_tensor(key).numpy() for key in f.keys() if key.startswith("Kcos/")}
+    sizes = [len(labels[m]) for m in measurements]
+    full = np.zeros((sum(sizes), sum(sizes)))
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    for i, a in enumerate(measurements):
+        for j, b in enumerate(measurements[: i + 1]):
+            block = blocks[f"Kcos/{a},{b}"]
+            full[offsets[i] : offsets[i + 1], offsets[j] : offsets[j + 1]] = block
+            full[offsets[j] : offsets[j + 1], offsets[i] : offsets[i + 1]] = block.T
+    return full, measurements, offsets.tolist()
+
+
+def kernel_heatmaps(kernel_paths: list[Path]) -> Figure:
+    """Cosine-normalised eNTK over all probes at the first and the last tracked step."""
+    _need(bool(kernel_paths), "kernels/ holds no step_*.safetensors (was tracking on?)")
+    chosen = [kernel_paths[0], kernel_paths[-1]] if len(kernel_paths) > 1 else kernel_paths[:1]
+    fig = Figure(figsize=(6 * len(chosen), 5.2), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(chosen)))
+    for ax, path in zip(axes, chosen, strict=True):
+        full, measurements, offsets = _probe_kernel(path)
+        sns.heatmap(
+            full,
+            vmin=-1,
+            vmax=1,
+            cmap="RdBu_r",
+            square=True,
+            ax=ax,
+            xticklabels=False,
+            yticklabels=False,
+            cbar_kws={"label": "cos(∇f(o), ∇f(o'))"},
+        )
+        for edge in offsets[1:-1]:
+            ax.axhline(edge, color="k", lw=0.8)
+            ax.axvline(edge, color="k", lw=0.8)
+        centres = [(offsets[i] + offsets[i + 1]) / 2 for i in range(len(measurements))]
+        ax.set_xticks(centres, measurements)
+        ax.set_yticks(centres, measurements)
+        ax.set_title(f"eNTK between probes, step {int(path.stem.split('_')[1])}")
+    return fig
+
+
+def shared_kernel(dynamics_rows: list[dict]) -> Figure:
+    """The shared und/gen kernel over training: same-pair cosine per category and kernel alignment."""
+    rows = sorted((r for r in dynamics_rows if r.get("kind") == "ntk"), key=lambda r: r["step"])
+    cos_keys = sorted({k for r in rows for k in r if k.startswith("ntk/cross_cos/und,gen")})
+    align_keys = sorted({k for r in rows for k in r if k.startswith("ntk/alignment/")})
+    _need(bool(cos_keys or align_keys), "dynamics.jsonl has no ntk/cross_cos or ntk/alignment rows")
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    for key in cos_keys:
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        label = key.split("/")[-1] if key.count("/") == 3 else "all probes"
+        left.plot(
+            *zip(*points, strict=True), marker="o", ms=3, label=label, lw=2 if label == "all probes" else 1
+        )
+    left.axhline(0, color="0.5", lw=0.8)
+    left.set(
+        xlabel="optimizer step",
+        ylabel="mean cos(∇ und(o), ∇ gen(o))",
+        title="Shared kernel: same-pair cosine per category",
+    )
+    left.legend(fontsize=8)
+    for key in align_keys:
+        right.plot(
+            *zip(*[(r["step"], r[key]) for r in rows if key in r], strict=True),
+            marker="o",
+            ms=3,
+            label=key.removeprefix("ntk/alignment/"),
+        )
+    right.set(
+        xlabel="optimizer step", ylabel="kernel alignment", title="Alignment between measurement kernels"
+    )
+    if align_keys:
+        right.legend(fontsize=8)
+    return fig
+
+
+def non_unification(summary: dict) -> Figure:
+    """Non-unification per prompt category (and the mean over categories) before and after training."""
+    before, after = summary.get("before", {}), summary.get("after", {})
+    cats = [c for c in before.get("per_category", {}) if c in after.get("per_category", {})]
+    _need(bool(cats), "summary.json has no before/after per_category metrics")
+    names, b_vals, a_vals = [], [], []
+    for c in cats:
+        b, a = (
+            before["per_category"][c].get("non_unification"),
+            after["per_category"][c].get("non_unification"),
+        )
+        if isinstance(b, int | float) and isinstance(a, int | float):
+            names.append(c)
+            b_vals.append(b)
+            a_vals.append(a)
+    _need(bool(names), "summary.json's per_category metrics hold no non_unification numbers")
+    names.append("mean")
+    b_vals.append(float(np.mean(b_vals)))
+    a_vals.append(float(np.mean(a_vals)))
+    fig = Figure(figsize=(8, 4), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, b_vals, 0.4, label="before")
+    ax.bar(x + 0.2, a_vals, 0.4, label="after")
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set(
+        ylabel="non-unification (own generations judged 'no')",
+        title=f"Non-unification per category ({summary.get('run', 'run')})",
+    )
+    ax.legend()
+    return fig
+
+
+def data_growth(data_rows: list[dict]) -> Figure:
+    """Training items and discard pool after each data round (curriculum growth)."""
+    rows = sorted((r for r in data_rows if "round" in r and "pool" in r), key=lambda r: r["round"])
+    _need(bool(rows), "data.jsonl has no data-round rows")
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    rounds = [r["round"] for r in rows]
+    added = np.cumsum([r.get("added_items", 0) for r in rows])
+    ax.plot(rounds, added, marker="o", label="training items (cumulative)")
+    ax.plot(rounds, [r["pool"] for r in rows], marker="s", label="discard pool (prompts)")
+    ax.set(xlabel="data round", ylabel="count", title="Curriculum: data per round")
+    ax.set_xticks(rounds)
+    ax.legend()
+    return fig
+
+
+def plot_run(run_dir: str | os.PathLike, formats: tuple[str, ...] = ("png", "pdf")) -> dict[str, str]:
+    """Write every figure the run has data for into RUN_DIR/figures; returns {figure: "written" or
+    the reason it was skipped}."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    dynamics = read_jsonl(run_dir / "dynamics.jsonl")
+    kernels = sorted((run_dir / "kernels").glob("step_*.safetensors"))
+    figures: dict[str, Callable[[], Figure]] = {
+        "co_improvement": lambda: co_improvement(read_jsonl(run_dir / "eval.jsonl")),
+        "dynamics_scatter": lambda: dynamics_scatter(dynamics),
+        "kernel_heatmaps": lambda: kernel_heatmaps(kernels),
+        "shared_kernel": lambda: shared_kernel(dynamics),
+        "non_unification": lambda: non_unification(summary),
+        "data_growth": lambda: data_growth(read_jsonl(run_dir / "data.jsonl")),
+    }
+    out = run_dir / "figures"
+    out.mkdir(exist_ok=True)
+    status = {}
+    for name, make in figures.items():
+        try:
+            fig = make()
+        except MissingData as e:
+            status[name] = f"skipped: {e}"
+            continue
+        for fmt in formats:
+            fig.savefig(out / f"{name}.{fmt}", dpi=150)
+        status[name] = "written"
+    return status
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ntkdyn.plot", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="a run directory of python -m ntkdyn.track")
+    args = parser.parse_args(argv)
+    for name, state in plot_run(args.run_dir).items():
+        print(f"{name:<18} {state}")
+    print(f"figures in {Path(args.run_dir) / 'figures'}")
+
+
+if __name__ == "__main__":
+    main()
