@@ -9,6 +9,8 @@ For each model size (a 4-layer LlamaForCausalLM, hidden 256, sequence 64, batch 
   vmap_jl     torch.func vmap(grad) of the same fn (materialises [B, P]), then a dense seeded Rademacher
               JL to k_dense generated block by block from per-block seeds (TRAK's BasicProjector on CPU)
   loop_jl     an explicit per-sample backward loop (B backwards), then the same dense JL
+  fwd_bwd     context, not a method: one plain forward + backward of fn(...).sum() (a training step's
+              gradient, into .grad), the floor for any per-sample method's time and memory
 Reported: wall time of the method (first call, factors included; for ntkdyn also a second call), peak
 memory = peak RSS above the RSS right before the method, sampled every 2 ms by a thread (reads
 /proc/self/statm; Linux), and the relative Frobenius error of the eNTK K = Phi Phi^T against exact_ntk
@@ -39,7 +41,7 @@ SIZES = {
     "base": dict(hidden_size=256, intermediate_size=688, vocab_size=2048),
     "wide": dict(hidden_size=256, intermediate_size=2752, vocab_size=8192),
 }
-METHODS = ("ntkdyn", "vmap_jl", "loop_jl")
+METHODS = ("ntkdyn", "vmap_jl", "loop_jl", "fwd_bwd")
 
 
 @dataclass
@@ -158,18 +160,22 @@ def run_method(setup: Setup, method: str, out_path: str) -> None:
         if method == "ntkdyn":
             projector = GradientProjector(model, ProjectionConfig(k=setup.k, seed=setup.seed))
             features = projector.per_sample(fn, batch)
+        elif method == "fwd_bwd":
+            fn(model, batch).sum().backward()
+            features = None
         elif method == "vmap_jl":
             features = dense_jl(per_sample_vmap(model, batch), setup.k_dense, setup.seed)
         else:
             features = dense_jl(per_sample_loop(model, batch), setup.k_dense, setup.seed)
         result["time_s"] = time.perf_counter() - start
     result["peak_mib"] = memory.delta_mib
-    result["feature_dim"] = features.shape[1]
+    result["feature_dim"] = None if features is None else features.shape[1]
     if method == "ntkdyn":
         start = time.perf_counter()
         projector.per_sample(fn, batch)
         result["second_call_s"] = time.perf_counter() - start
-    torch.save({"result": result, "kernel": (features @ features.T).double()}, out_path)
+    kernel = None if features is None else (features @ features.T).double()
+    torch.save({"result": result, "kernel": kernel}, out_path)
 
 
 def exact_kernel(setup: Setup) -> torch.Tensor:
@@ -205,24 +211,26 @@ def main() -> None:
             subprocess.run([*worker, "--worker", size, method, out], check=True)
             saved = torch.load(out)
             row = saved["result"]
-            row["ntk_rel_error"] = ((saved["kernel"] - exact[size]).norm() / exact[size].norm()).item()
+            if saved["kernel"] is not None:
+                row["ntk_rel_error"] = ((saved["kernel"] - exact[size]).norm() / exact[size].norm()).item()
             rows.append(row)
     header = "| size | params | method | feature dim | time (s) | peak RSS delta (MiB) | eNTK rel. error |"
     print(header)
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         second = f" (2nd call {row['second_call_s']:.3f})" if "second_call_s" in row else ""
+        error = f"{row['ntk_rel_error']:.4f}" if "ntk_rel_error" in row else "-"
         print(
-            f"| {row['size']} | {row['params'] / 1e6:.2f}M | {row['method']} | {row['feature_dim']} | "
-            f"{row['time_s']:.3f}{second} | {row['peak_mib']:.0f} | {row['ntk_rel_error']:.4f} |"
+            f"| {row['size']} | {row['params'] / 1e6:.2f}M | {row['method']} | {row['feature_dim'] or '-'} | "
+            f"{row['time_s']:.3f}{second} | {row['peak_mib']:.0f} | {error} |"
         )
     for size in args.sizes:
         by_method = {r["method"]: r for r in rows if r["size"] == size}
         if "ntkdyn" in by_method:
-            for base in ("vmap_jl", "loop_jl"):
+            for base in ("vmap_jl", "loop_jl", "fwd_bwd"):
                 if base in by_method:
                     speedup = by_method[base]["time_s"] / by_method["ntkdyn"]["time_s"]
-                    print(f"{size}: ntkdyn is {speedup:.1f}x faster than {base} (first calls)")
+                    print(f"{size}: time of {base} / time of ntkdyn = {speedup:.2f} (first calls)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

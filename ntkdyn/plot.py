@@ -96,6 +96,7 @@ def dynamics_scatter(dynamics_rows: list[dict]) -> Figure:
                 ylabel="observed change",
                 title=f"{branch}: Pearson {pearson(x, y):.3f} (n={len(x)})",
             )
+            ax.ticklabel_format(style="sci", scilimits=(-2, 2))
     fig.suptitle("Predicted vs observed change per probe and tracked step")
     return fig
 

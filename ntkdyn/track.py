@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as err:
         p.error(str(err))
     start = time.time()
+    torch.set_num_threads(cfg.threads)
     dist = init_distributed()
     run_dir = Path(cfg.out)
     if dist.is_main:

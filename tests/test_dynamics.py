@@ -125,6 +125,7 @@ def test_probe_selection_categories_and_round_trip(tmp_path):
                 adapter.world.parse_prompt(p.prompt), torch.tensor(p.image)
             )
             assert p.prompt not in [r["prompt"] for r in records if tuple(r["image"]) == p.image]
+            assert p.verdict is None
         else:
             expected = "aligned" if p.oracle else ("false_positive" if p.verdict else "misaligned")
             assert p.category == expected
@@ -345,8 +346,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_ddp_gathers_training_features_and_rank0_writes(tmp_path):
     """Two gloo processes, each with half of the batch: the kernel form over the gathered training
     features equals the exact first order of the DDP update (SGD), and only rank 0 wrote."""
-    torch.multiprocessing.spawn(
-        _ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "run")), nprocs=2, join=True
+    # fork: the children inherit the imports (spawn would re-import transformers in each)
+    torch.multiprocessing.start_processes(
+        _ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "run")), nprocs=2, start_method="fork"
     )
     rows = [r for r in read_jsonl(tmp_path / "run" / "dynamics.jsonl") if r["kind"] == "probe"]
     assert len(rows) == 4  # one writer

@@ -53,9 +53,11 @@ def reference(llama):
     batch_a, batch_b = make_batch(6, 12, seed=1), make_batch(4, 12, seed=2)
     model64 = LlamaForCausalLM(llama.config).double().eval()
     model64.load_state_dict(llama.state_dict())
-    aa = exact_ntk(model64, lm_logprob, batch_a)
-    ab = exact_ntk(model64, lm_logprob, batch_a, last_token_entropy, batch_b)
-    bb = exact_ntk(model64, last_token_entropy, batch_b)
+    def both(model, batches):  # one Jacobian for all three blocks
+        return torch.cat([lm_logprob(model, batches[0]), last_token_entropy(model, batches[1])])
+
+    full = exact_ntk(model64, both, (batch_a, batch_b))
+    aa, ab, bb = full[:6, :6], full[:6, 6:], full[6:, 6:]
     return batch_a, batch_b, aa, ab, bb
 
 

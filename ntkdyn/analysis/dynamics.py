@@ -476,7 +476,7 @@ class TrackingConfig:
             "choices": ("kronecker", "dense", "exact"),
         },
     )
-    proj_k: int = field(default=64, metadata={"help": "projection size k (per factor for kronecker)"})
+    proj_k: int = field(default=128, metadata={"help": "projection size k (per factor for kronecker)"})
     proj_seed: int = field(default=0, metadata={"help": "seed of the projection factors"})
     probes_per_category: int = field(default=8, metadata={"help": "probe pairs per category"})
     probe_seed: int = field(default=0, metadata={"help": "seed of the probe choice"})

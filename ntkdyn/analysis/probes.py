@@ -98,13 +98,14 @@ class ProbeGroup:
 @dataclass(frozen=True)
 class Probe:
     """One probe pair. image: the image tokens x (length L); oracle: whether x truly shows
-    prompt (the world's exact oracle); verdict: whether the pre-trained model said yes."""
+    prompt (the world's exact oracle); verdict: whether the pre-trained model said yes (None for
+    the unrelated pairs, which it never judged)."""
 
     prompt: str
     image: tuple[int, ...]
     category: str
     oracle: bool
-    verdict: bool
+    verdict: bool | None
 
 
 def _category(record: Mapping) -> str:
@@ -148,7 +149,7 @@ def select_probes(records: Sequence[Mapping], per_category: int, seed: int = 0, 
             if world is not None
             else False
         )
-        probes.append(Probe(prompt, image, "unrelated", oracle, bool(records[int(i)]["verdict"])))
+        probes.append(Probe(prompt, image, "unrelated", oracle, None))
     return probes
 
 

@@ -222,13 +222,9 @@ def _hadamard(x: torch.Tensor) -> torch.Tensor:
 class _Block:
     """One tracked parameter's slice of the feature vector."""
 
-    name: str
-    param: nn.Parameter
     shape2d: tuple[int, int]  # (d0, d1), the matrix view of the stored parameter
-    k0: int  # size of axis 0 after projection (d0 if exact)
-    k1: int
-    out_size: int  # features of this block after an optional second stage
-    offset: int = 0
+    out_size: int  # features of this block: k0 * k1 (k_i = min(d_i, k); kronecker), or after a second stage
+    offset: int
 
 
 @dataclass
@@ -280,10 +276,8 @@ class GradientProjector:
                 ):
                     out_size = min(out_size, self.config.second_stage_k)
             else:
-                k0, k1 = shape2d
-                out_size = k0 * k1
-            block = _Block(name, param, shape2d, k0, k1, out_size, offset)
-            self._blocks[name] = block
+                out_size = shape2d[0] * shape2d[1]
+            self._blocks[name] = _Block(shape2d, out_size, offset)
             offset += 0 if self.config.kind == "dense" else out_size
         self._feature_dim = self.config.k if self.config.kind == "dense" else offset
         # modules whose forward must be hooked: every owner of a tracked parameter

@@ -162,8 +162,8 @@ class DataConfig:
 class EvalConfig:
     """Evaluation on held-out eval prompts before, during and after training."""
 
-    eval_prompts: int = field(default=96, metadata=_help("eval prompts (world eval split, never trained on)"))
-    eval_candidates: int = field(default=4, metadata=_help("candidates per eval prompt"))
+    eval_prompts: int = field(default=192, metadata=_help("eval prompts (world eval split, never trained on)"))
+    eval_candidates: int = field(default=8, metadata=_help("candidates per eval prompt"))
     co_degradation_tol: float = field(
         default=0.01,
         metadata=_help("flag co-degradation when gen_alignment and und_accuracy both fall by more than this"),
@@ -188,6 +188,13 @@ class RunConfig:
     out: str = field(default="runs/track", metadata=_help("run directory"))
     resume: bool = field(default=False, metadata=_help("continue the run in --out from its last checkpoint"))
     track: bool = field(default=True, metadata=_help("learning-dynamics tracking (--no-track turns it off)"))
+    threads: int = field(
+        default=1,
+        metadata=_help(
+            "torch CPU threads per process (1: small models gain nothing from more, and a busy "
+            "machine slows down badly with more)"
+        ),
+    )
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -195,6 +202,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(1 <= len(self.model) <= 2, "model", f"expected NAME [PATH], got {self.model!r}")
         _check(bool(self.out), "out", "must be a directory path")
+        _check(self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
         if self.train.objective == "dpo":
             _check(
                 self.data.candidates >= 2,
