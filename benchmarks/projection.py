@@ -11,7 +11,8 @@ For each model size (a 4-layer LlamaForCausalLM, hidden 256, sequence 64, batch 
   loop_jl     an explicit per-sample backward loop (B backwards), then the same dense JL
   fwd_bwd     context, not a method: one plain forward + backward of fn(...).sum() (a training step's
               gradient, into .grad), the floor for any per-sample method's time and memory
-Reported: wall time of the method (first call, factors included; for ntkdyn also a second call), peak
+Reported: wall time and process CPU time (all threads; less sensitive than wall time to other jobs on
+a shared machine) of the method (first call, factors included; for ntkdyn also a second call), peak
 memory = peak RSS above the RSS right before the method, sampled every 2 ms by a thread (reads
 /proc/self/statm; Linux), and the relative Frobenius error of the eNTK K = Phi Phi^T against exact_ntk
 (float64 model, per-sample autograd loop). Times are ratios within one run on a shared machine.
@@ -156,7 +157,7 @@ def run_method(setup: Setup, method: str, out_path: str) -> None:
     model, batch = build(setup)
     result = {"method": method, "size": setup.size, "params": sum(p.numel() for p in model.parameters())}
     with PeakRSS() as memory:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if method == "ntkdyn":
             projector = GradientProjector(model, ProjectionConfig(k=setup.k, seed=setup.seed))
             features = projector.per_sample(fn, batch)
@@ -168,6 +169,7 @@ def run_method(setup: Setup, method: str, out_path: str) -> None:
         else:
             features = dense_jl(per_sample_loop(model, batch), setup.k_dense, setup.seed)
         result["time_s"] = time.perf_counter() - start
+        result["cpu_s"] = time.process_time() - cpu_start
     result["peak_mib"] = memory.delta_mib
     result["feature_dim"] = None if features is None else features.shape[1]
     if method == "ntkdyn":
@@ -214,23 +216,26 @@ def main() -> None:
             if saved["kernel"] is not None:
                 row["ntk_rel_error"] = ((saved["kernel"] - exact[size]).norm() / exact[size].norm()).item()
             rows.append(row)
-    header = "| size | params | method | feature dim | time (s) | peak RSS delta (MiB) | eNTK rel. error |"
-    print(header)
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| size | params | method | feature dim | wall (s) | CPU (s) | peak RSS delta (MiB) "
+        "| eNTK rel. error |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         second = f" (2nd call {row['second_call_s']:.3f})" if "second_call_s" in row else ""
         error = f"{row['ntk_rel_error']:.4f}" if "ntk_rel_error" in row else "-"
         print(
             f"| {row['size']} | {row['params'] / 1e6:.2f}M | {row['method']} | {row['feature_dim'] or '-'} | "
-            f"{row['time_s']:.3f}{second} | {row['peak_mib']:.0f} | {error} |"
+            f"{row['time_s']:.3f}{second} | {row['cpu_s']:.2f} | {row['peak_mib']:.0f} | {error} |"
         )
     for size in args.sizes:
         by_method = {r["method"]: r for r in rows if r["size"] == size}
         if "ntkdyn" in by_method:
             for base in ("vmap_jl", "loop_jl", "fwd_bwd"):
                 if base in by_method:
-                    speedup = by_method[base]["time_s"] / by_method["ntkdyn"]["time_s"]
-                    print(f"{size}: time of {base} / time of ntkdyn = {speedup:.2f} (first calls)")
+                    wall = by_method[base]["time_s"] / by_method["ntkdyn"]["time_s"]
+                    cpu = by_method[base]["cpu_s"] / by_method["ntkdyn"]["cpu_s"]
+                    print(f"{size}: {base} / ntkdyn (first calls): wall {wall:.1f}x, CPU {cpu:.1f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -90,23 +90,23 @@ def run(
     model = adapter.model
     loss_fn = make_loss_fn(objective_terms(adapter, "dpo", cfg.beta, cfg.nll_weight, cfg.replay_weight))
     probes = select_probes(pretrained_records(adapter, 4 * per_category), per_category, world=adapter.world)
-    out = tempfile.mkdtemp(prefix="ntkdyn-bench-")
-    tracker = DynamicsTracker(
-        model, probe_groups(adapter, probes), out, every=2, config=ProjectionConfig(kind=kind, k=k)
-    )
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    plain, tracked = [], []
-    model.train()
-    for step in tqdm(range(1, steps + 1), desc=f"{kind} k={k} probes/cat={per_category}", leave=False):
-        batch = dpo_batch(adapter, reference, batch_size, step, cfg)
-        start = time.perf_counter()
-        tracker.before_step(step, model, loss_fn, batch)
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model, batch).mean().backward()
-        opt.step()
-        tracker.after_step(step, model, cfg.lr)
-        (tracked if tracker.is_tracked(step) else plain).append(time.perf_counter() - start)
-    summary = summarize_dynamics(read_jsonl(f"{out}/dynamics.jsonl"))
+    with tempfile.TemporaryDirectory(prefix="ntkdyn-bench-") as out:
+        tracker = DynamicsTracker(
+            model, probe_groups(adapter, probes), out, every=2, config=ProjectionConfig(kind=kind, k=k)
+        )
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        plain, tracked = [], []
+        model.train()
+        for step in tqdm(range(1, steps + 1), desc=f"{kind} k={k} probes/cat={per_category}", leave=False):
+            batch = dpo_batch(adapter, reference, batch_size, step, cfg)
+            start = time.perf_counter()
+            tracker.before_step(step, model, loss_fn, batch)
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model, batch).mean().backward()
+            opt.step()
+            tracker.after_step(step, model, cfg.lr)
+            (tracked if tracker.is_tracked(step) else plain).append(time.perf_counter() - start)
+        summary = summarize_dynamics(read_jsonl(f"{out}/dynamics.jsonl"))
     return {
         "kind": kind,
         "k": k,

@@ -9,7 +9,8 @@ minimises the sum of three losses through the adapter's own measurements:
 
 Understanding batches are half true scenes and half negatives. A negative is a hard one
 (ShapesWorld.negatives: a recolored, reshaped, added, removed or re-counted object, or a
-relation broken by a swap or move; kinds equally likely) with a probability that rises
+relation broken by a swap or move; kinds drawn with ``negative_kind_weights``, the ones that
+need binding (color) or positions (relation) more often) with a probability that rises
 linearly from ``hard_start`` to ``hard_end`` over the first ``hard_ramp`` of the steps
 (a curriculum), else a true scene of another prompt. AdamW, linear warm-up, cosine decay.
 
@@ -65,7 +66,8 @@ class PretrainConfig:
     hard_start: float = 0.3
     hard_end: float = 0.9
     hard_ramp: float = 0.3
-    und_category_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.5, 2.0, 2.5)
+    und_category_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.5, 2.0, 2.0)
+    negative_kind_weights: tuple[float, ...] = (2.0, 1.0, 1.0, 1.0, 1.0, 3.0)  # order: NEGATIVE_KINDS
     threads: int = 1
 
     def __post_init__(self):
@@ -89,8 +91,10 @@ class PretrainConfig:
                 and value <= 0
             ):
                 raise ValueError(f"PretrainConfig.{f.name} must be > 0 (got {value})")
-        if len(self.und_category_weights) != 6 or min(self.und_category_weights) < 0:
-            raise ValueError("PretrainConfig.und_category_weights needs 6 weights >= 0, one per category")
+        for name in ("und_category_weights", "negative_kind_weights"):
+            weights = getattr(self, name)
+            if len(weights) != 6 or min(weights) < 0 or max(weights) <= 0:
+                raise ValueError(f"PretrainConfig.{name} needs 6 weights >= 0 (not all 0), got {weights}")
         for name in ("hard_start", "hard_end", "hard_ramp", "weight_decay"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"PretrainConfig.{name} must lie in [0, 1] (got {getattr(self, name)})")
@@ -113,8 +117,15 @@ class TaskSampler:
     from its evaluation): a category (equally likely, or with ``und_weights`` for
     understanding), then a prompt of it."""
 
-    def __init__(self, world: ShapesWorld, rng: np.random.Generator, und_weights: Sequence[float]):
+    def __init__(
+        self,
+        world: ShapesWorld,
+        rng: np.random.Generator,
+        und_weights: Sequence[float],
+        kind_weights: Sequence[float],
+    ):
         self.world, self.rng = world, rng
+        self.kind_weight = dict(zip(world.negative_kinds, kind_weights, strict=True))
         self.by_category = [world.prompts("train", c) + world.prompts("eval", c) for c in world.categories]
         self.und_p = np.asarray(und_weights, np.float64) / np.sum(und_weights)
 
@@ -137,7 +148,8 @@ class TaskSampler:
             if not label:
                 if self.rng.random() < hard:
                     negatives = self.world.negatives(prompt, scene, self.rng)
-                    scene = negatives[self.rng.integers(len(negatives))][1]
+                    weights = np.array([self.kind_weight[kind] for kind, _ in negatives])
+                    scene = negatives[self.rng.choice(len(negatives), p=weights / weights.sum())][1]
                 else:
                     while self.world.oracle(prompt, scene):
                         scene = self.world.sample_image(self.prompt(), self.rng)
@@ -164,7 +176,12 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[ToyAdapter,
     )
     model = adapter.model
     model.train()
-    sampler = TaskSampler(world, np.random.default_rng([config.seed, 1]), config.und_category_weights)
+    sampler = TaskSampler(
+        world,
+        np.random.default_rng([config.seed, 1]),
+        config.und_category_weights,
+        config.negative_kind_weights,
+    )
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(

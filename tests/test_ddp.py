@@ -16,6 +16,15 @@ from ntkdyn.trainer.data import collect_candidates, stratified_prompts
 from ntkdyn.trainer.distributed import Dist
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and the CLI sets one); restore the count afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _close(x, y):
     assert x.keys() == y.keys()
     for k in x:

@@ -83,7 +83,7 @@ def test_evaluate_on_a_toy_that_always_answers_yes(toy):
 
 def test_cli_writes_table_json_and_figure(tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"text": "a red circle"}\n\n{"text": "a circle left of a square"}\n')
+    prompts.write_text('{"text": "a circle"}\n\n{"text": "a red circle left of a blue square"}\n')
     code = main(
         [
             "--model",
@@ -113,9 +113,9 @@ def test_cli_writes_table_json_and_figure(tmp_path, capsys):
     [
         ("", "holds no prompts"),
         ("\n  \n", "holds no prompts"),
-        ('{"text": "a red circle"}\n{"txt": 1}\n', ":2:"),
+        ('{"text": "a circle"}\n{"txt": 1}\n', ":2:"),
         ("{not json\n", "not a JSON object"),
-        ("a red circle\na flying saucer\n", ":2: ShapesWorld cannot read"),
+        ("a circle\na flying saucer\n", ":2: ShapesWorld cannot read"),
     ],
 )
 def test_bad_prompts_files_are_rejected(toy, tmp_path, content, message):

@@ -19,6 +19,15 @@ from ntkdyn.trainer.loop import co_improvement, learning_rate, stream_indices, t
 from ntkdyn.trainer.losses import make_loss_fn, objective_terms
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and the CLI sets one); restore the count afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_learning_rate_warmup_then_cosine():
     cfg = TrainConfig(lr=0.01, warmup_steps=4, schedule="cosine")
     lrs = [learning_rate(cfg, k, 20) for k in range(20)]

@@ -7,9 +7,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ntkdyn.track import main
 from ntkdyn.trainer.checkpoint import read_jsonl
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and the CLI sets one); restore the count afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 ARGS = (
     "--model toy-tiny --run sft --judge none --no-track --prompts 6 --candidates 2 --gen-batch 3 "
@@ -21,6 +32,7 @@ ARGS = (
 DRIVER = """
 import os, signal, sys
 import ntkdyn.track as track
+
 
 KILL_AT, inner = int(sys.argv[1]), track.train
 

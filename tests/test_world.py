@@ -23,12 +23,11 @@ def scene(world, objects: dict) -> torch.Tensor:
 
 # (prompt text, scene, expected oracle verdict): true and false cases for every category.
 CASES = [
-    ("a red circle", {(1, 1): "red circle"}, True),
-    ("a red circle", {(0, 2): "red circle"}, True),
-    ("a red circle", {(1, 1): "blue circle"}, False),
-    ("a red circle", {(1, 1): "red square"}, False),
-    ("a red circle", {(1, 1): "red circle", (0, 0): "red circle"}, False),
-    ("a red circle", {}, False),
+    ("a circle", {(1, 1): "red circle"}, True),
+    ("a circle", {(0, 2): "blue circle"}, True),
+    ("a circle", {(1, 1): "red square"}, False),
+    ("a circle", {(1, 1): "red circle", (0, 0): "red circle"}, False),
+    ("a circle", {}, False),
     ("a circle and a square", {(0, 0): "blue square", (2, 2): "red circle"}, True),
     ("a circle and a square", {(0, 0): "blue square", (2, 2): "red square"}, False),
     ("a circle and a square", {(0, 0): "blue square", (2, 2): "red circle", (1, 1): "red cross"}, False),
@@ -36,32 +35,40 @@ CASES = [
     ("three triangles", {(0, 0): "red triangle", (0, 1): "blue triangle", (2, 2): "green triangle"}, True),
     ("three triangles", {(0, 0): "red triangle", (0, 1): "blue triangle"}, False),
     ("three triangles", {(0, 0): "red triangle", (0, 1): "blue triangle", (2, 2): "green circle"}, False),
-    (
-        "four crosses",
-        {(0, 0): "red cross", (0, 1): "red cross", (1, 0): "red cross", (2, 2): "red cross"},
-        True,
-    ),
+    ("two crosses", {(0, 0): "red cross", (0, 1): "red cross", (1, 0): "red cross"}, False),
     ("a red circle and a blue square", {(0, 0): "blue square", (1, 2): "red circle"}, True),
     ("a red circle and a blue square", {(0, 0): "red square", (1, 2): "blue circle"}, False),
     ("a red circle and a blue square", {(0, 0): "blue square", (1, 2): "green circle"}, False),
     ("a red circle and a green circle", {(0, 0): "green circle", (2, 0): "red circle"}, True),
     ("a red circle and a green circle", {(0, 0): "green circle", (2, 0): "green circle"}, False),
-    ("a circle left of a square", {(2, 0): "red circle", (0, 1): "blue square"}, True),
-    ("a circle left of a square", {(0, 1): "red circle", (2, 1): "blue square"}, False),
-    ("a circle left of a square", {(0, 2): "red circle", (0, 0): "blue square"}, False),
-    ("a circle right of a square", {(0, 2): "red circle", (0, 0): "blue square"}, True),
-    ("a triangle above a diamond", {(0, 2): "red triangle", (1, 0): "red diamond"}, True),
-    ("a triangle above a diamond", {(1, 2): "red triangle", (1, 0): "red diamond"}, False),
-    ("a triangle below a diamond", {(2, 2): "red triangle", (1, 0): "red diamond"}, True),
+    ("a red circle left of a blue square", {(2, 0): "red circle", (0, 1): "blue square"}, True),
+    ("a red circle left of a blue square", {(0, 1): "red circle", (2, 1): "blue square"}, False),
+    ("a red circle left of a blue square", {(0, 2): "red circle", (0, 0): "blue square"}, False),
+    ("a red circle left of a blue square", {(2, 0): "blue circle", (0, 1): "red square"}, False),
+    ("a red circle right of a blue square", {(0, 2): "red circle", (0, 0): "blue square"}, True),
+    ("a green triangle above a red diamond", {(0, 2): "green triangle", (1, 0): "red diamond"}, True),
+    ("a green triangle above a red diamond", {(1, 2): "green triangle", (1, 0): "red diamond"}, False),
+    ("a green triangle below a red diamond", {(2, 2): "green triangle", (1, 0): "red diamond"}, True),
     (
-        "a triangle below a diamond",
-        {(2, 2): "red triangle", (1, 0): "red diamond", (0, 0): "red cross"},
+        "a red circle above a blue cross and a green square",
+        {(0, 1): "red circle", (2, 1): "blue cross", (0, 0): "green square"},
+        True,
+    ),
+    (
+        "a red circle above a blue cross and a green square",
+        {(2, 1): "red circle", (0, 1): "blue cross", (1, 1): "green square"},
         False,
     ),
-    ("a red circle above a blue cross", {(0, 1): "red circle", (2, 1): "blue cross"}, True),
-    ("a red circle above a blue cross", {(0, 1): "blue circle", (2, 1): "red cross"}, False),
-    ("a red circle above a blue cross", {(2, 1): "red circle", (0, 1): "blue cross"}, False),
-    ("a red circle above a blue cross", {(0, 1): "red circle", (2, 1): "blue square"}, False),
+    (
+        "a red circle above a blue cross and a green square",
+        {(0, 1): "red circle", (2, 1): "blue cross", (0, 0): "red square"},
+        False,
+    ),
+    (
+        "a red circle above a blue cross and a green square",
+        {(0, 1): "red circle", (2, 1): "blue cross"},
+        False,
+    ),
 ]
 
 
@@ -134,4 +141,4 @@ def test_unknown_prompt_and_bad_image_errors(world):
     with pytest.raises(ValueError, match="cannot read the prompt"):
         world.parse_prompt("a pink elephant")
     with pytest.raises(ValueError, match="cell codes"):
-        world.oracle(world.parse_prompt("a red circle"), torch.zeros(16, dtype=torch.long))
+        world.oracle(world.parse_prompt("a circle"), torch.zeros(16, dtype=torch.long))

@@ -14,14 +14,16 @@ interact in the forward (true for transformers without batch norm), and it requi
 forward of a hooked module inside ``fn`` has batch dimension B, row-aligned with fn's B outputs
 (``fn`` may call the model several times, e.g. chosen and rejected for DPO: each call's contribution
 is added to its rows). Modules must not modify their outputs in place, and tracked parameters must be
-used through their module's forward (hooks see nothing else).
+used through their module's forward (hooks see nothing else). Padding: a token that fn masks out gets
+an output-gradient of exactly 0, and such tokens are dropped from every module's sum (with ``where``,
+so even NaN activations there cannot leak); nn.Embedding's padding_idx rows get nothing, as in torch.
 
 Every tracked parameter is seen as a matrix G of shape (d0, d1) (its stored shape; 1-D: (n, 1);
 >2-D: (shape[0], prod(rest))). Kinds:
-  - "kronecker": feature = P0^T G P1 / sqrt(k0 k1), P_i a seeded [d_i, k] Rademacher/Gaussian factor,
-    or the identity when d_i <= k (that axis kept exact). nn.Linear / transformers Conv1D use the fused
-    token projection sum_t (P^T g_t)(P'^T a_t)^T (ntkdyn.kernels.kron_projection), bias included;
-    nn.Embedding gathers the rows P0[id_t] (never a [B, vocab, dim] tensor); other modules (norms, ...)
+  - "kronecker": feature = P0^T G P1 / k^(m/2), P_i a seeded [d_i, k] Rademacher/Gaussian factor, or
+    the identity when d_i <= k (that axis kept exact), m the number of projected axes. nn.Linear and
+    transformers' Conv1D use the fused token projection sum_t (P^T g_t)(P'^T a_t)^T
+    (ntkdyn.kernels.kron_projection), bias included; nn.Embedding gathers the rows P0[id_t] (never a [B, vocab, dim] tensor); other modules (norms, ...)
     get exact per-sample gradients by torch.func on that module alone, then the same projection.
     An optional second stage (subsampled randomized Hadamard transform) compresses selected blocks.
   - "dense": the materialised per-sample gradient times one seeded [P, k] JL matrix generated block by

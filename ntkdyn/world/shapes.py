@@ -9,17 +9,20 @@ A prompt describes the scene *exactly*: the scene holds precisely the prompt's o
 color; relations compare grid cells strictly (``A left of B``: col(A) < col(B);
 ``above``: row(A) < row(B); ``right of`` and ``below`` mirror them).
 
-Categories, by rising difficulty (after GenEval and T2I-CompBench):
-    single_object       "a red circle"                       1 object, shape + color
-    two_objects         "a circle and a square"              2 objects, shapes (any color)
-    counting            "three triangles"                    n in {2,3,4} objects of one shape
-    color_attribution   "a red circle and a blue square"     2 objects, shape-color binding
-    spatial_relation    "a circle left of a square"          2 objects + a relation
-    compositional       "a red circle above a blue cross"    binding + relation
+Categories, by rising difficulty (after GenEval and T2I-CompBench; difficulty = how many
+constraints a generated scene must meet at once):
+    single_object       "a circle"                                         1 object, its shape
+    two_objects         "a circle and a square"                            2 objects, shapes
+    counting            "three triangles"                                  n in {2, 3} of one shape
+    color_attribution   "a red circle and a blue square"                   2 shape-color bindings
+    spatial_relation    "a red circle left of a blue square"               2 bindings + a relation
+    compositional       "a red circle above a blue cross and a green square"  3 bindings + a relation
+(objects without a color may have any color).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +41,7 @@ PALETTE = np.array([[220, 40, 40], [40, 170, 60], [40, 80, 220], [235, 200, 30],
 BACKGROUND = np.array([255, 255, 255], np.uint8)
 RELATIONS = ("left of", "right of", "above", "below")
 MIRROR = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-NUMBERS = {2: "two", 3: "three", 4: "four"}
+NUMBERS = {2: "two", 3: "three"}
 CATEGORIES = (
     "single_object",
     "two_objects",
@@ -56,7 +59,7 @@ class Prompt:
 
     objects: one (shape, color or None) per required object instance ("three circles" ->
     three ("circle", None)); relation: None or one of RELATIONS, read as
-    objects[0] <relation> objects[1].
+    objects[0] <relation> objects[1] (a third object, if any, may be anywhere).
     """
 
     text: str
@@ -67,7 +70,11 @@ class Prompt:
     def key(self) -> tuple:
         """Meaning of the prompt, equal for texts that describe the same scenes."""
         if self.relation in ("right of", "below"):
-            return (self.category, self.objects[::-1], MIRROR[self.relation])
+            return (
+                self.category,
+                (self.objects[1], self.objects[0], *self.objects[2:]),
+                MIRROR[self.relation],
+            )
         if self.relation is not None:
             return (self.category, self.objects, self.relation)
         return (self.category, tuple(sorted(self.objects, key=str)), None)
@@ -156,8 +163,8 @@ class ShapesWorld:
     def _all_prompts(self) -> dict[str, list[Prompt]]:
         colored = [(s, c) for s in SHAPES for c in COLORS]
         out: dict[str, list[Prompt]] = {k: [] for k in CATEGORIES}
-        for s, c in colored:
-            out["single_object"].append(Prompt(_object_phrase(s, c), "single_object", ((s, c),)))
+        for s in SHAPES:
+            out["single_object"].append(Prompt(_object_phrase(s, None), "single_object", ((s, None),)))
         for a in SHAPES:
             for b in SHAPES:
                 if a != b:
@@ -171,20 +178,17 @@ class ShapesWorld:
                 if a != b:
                     text = f"{_object_phrase(*a)} and {_object_phrase(*b)}"
                     out["color_attribution"].append(Prompt(text, "color_attribution", (a, b)))
-        for a in SHAPES:
-            for b in SHAPES:
-                if a != b:
-                    for rel in RELATIONS:
-                        text = f"{_object_phrase(a, None)} {rel} {_object_phrase(b, None)}"
-                        out["spatial_relation"].append(
-                            Prompt(text, "spatial_relation", ((a, None), (b, None)), rel)
-                        )
         for a in colored:
             for b in colored:
-                if a != b:
-                    for rel in RELATIONS:
-                        text = f"{_object_phrase(*a)} {rel} {_object_phrase(*b)}"
-                        out["compositional"].append(Prompt(text, "compositional", (a, b), rel))
+                if a == b:
+                    continue
+                for rel in RELATIONS:
+                    text = f"{_object_phrase(*a)} {rel} {_object_phrase(*b)}"
+                    out["spatial_relation"].append(Prompt(text, "spatial_relation", (a, b), rel))
+                    for c in colored:
+                        if c[0] not in (a[0], b[0]):
+                            text_c = f"{text} and {_object_phrase(*c)}"
+                            out["compositional"].append(Prompt(text_c, "compositional", (a, b, c), rel))
         return out
 
     def _build_splits(self) -> None:
@@ -197,7 +201,7 @@ class ShapesWorld:
                 by_text[p.text] = p
             keys = list(groups)
             order = np.random.default_rng([self.seed, index]).permutation(len(keys))
-            n_eval = max(1, round(0.25 * len(keys)))
+            n_eval = max(2, round(0.25 * len(keys)))
             splits["eval"][category] = [p for i in order[:n_eval] for p in groups[keys[i]]]
             splits["train"][category] = [p for i in order[n_eval:] for p in groups[keys[i]]]
         self._splits, self._by_text = splits, by_text
@@ -265,22 +269,22 @@ class ShapesWorld:
             return a[2] < b[2]
         return a[2] > b[2]
 
+    def assignment(self, prompt: Prompt, image) -> tuple[tuple[str, str, int, int], ...] | None:
+        """Scene objects matching prompt.objects one to one (in the prompt's order, the relation
+        holding between the first two), or None when the scene does not satisfy the prompt."""
+        have = self.objects_of(image)
+        if len(have) != len(prompt.objects):
+            return None
+        for order in itertools.permutations(have):
+            if all(self._matches(w, h) for w, h in zip(prompt.objects, order, strict=True)) and (
+                prompt.relation is None or self._holds(prompt.relation, order[0], order[1])
+            ):
+                return order
+        return None
+
     def oracle(self, prompt: Prompt, image) -> bool:
         """Exact judge: does the scene hold exactly the prompt's objects (and relation)?"""
-        have = self.objects_of(image)
-        want = list(prompt.objects)
-        if len(have) != len(want):
-            return False
-        if prompt.relation is not None:
-            a, b = have
-            return any(
-                self._matches(want[0], x) and self._matches(want[1], y) and self._holds(prompt.relation, x, y)
-                for x, y in ((a, b), (b, a))
-            )
-        # Without relation every prompt names all colors or none, so a multiset comparison is exact.
-        named = want[0][1] is not None
-        have_keys = sorted(((s, c if named else None) for s, c, _, _ in have), key=str)
-        return have_keys == sorted(want, key=str)
+        return self.assignment(prompt, image) is not None
 
     def sample_image(self, prompt: Prompt, rng: np.random.Generator) -> torch.Tensor:
         """A uniformly placed random scene satisfying the prompt: LongTensor[L]."""
@@ -355,11 +359,12 @@ class ShapesWorld:
         elif kind == "removed":
             neg[rng.choice(full)] = 0
         elif kind == "relation":
-            a, b = full
+            first, second = self.assignment(prompt, cells)[:2]
+            a, b = (obj[2] * self.grid_size + obj[3] for obj in (first, second))
             if rng.random() < 0.5:
                 neg[a], neg[b] = cells[b], cells[a]
             else:
-                src = rng.choice(full)
+                src = rng.choice([a, b])
                 neg[src] = 0
                 neg[rng.choice(np.flatnonzero(neg == 0))] = cells[src]
         return neg
