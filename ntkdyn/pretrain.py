@@ -7,7 +7,8 @@ minimises the sum of three losses through the adapter's own measurements:
     understanding  BCE(log-odds, label)             true scene (label 1) or a negative (label 0)
     captioning     -log pi(y|x) / |y|               true scene -> its prompt
 
-Understanding batches are half true scenes and half negatives. A negative is a hard one
+Understanding batches are minimal pairs: a prompt with a true scene and with a negative. A
+negative is a hard one
 (ShapesWorld.negatives: a recolored, reshaped, added, removed or re-counted object, or a
 relation broken by a swap or move; kinds drawn with ``negative_kind_weights``, the ones that
 need binding (color) or positions (relation) more often) with a probability that rises
@@ -56,6 +57,7 @@ class PretrainConfig:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 256
+    attribute_embeddings: bool = False
     steps: int = 3000
     gen_batch: int = 16
     und_batch: int = 48
@@ -91,6 +93,8 @@ class PretrainConfig:
                 and value <= 0
             ):
                 raise ValueError(f"PretrainConfig.{f.name} must be > 0 (got {value})")
+        if self.und_batch % 2:
+            raise ValueError(f"PretrainConfig.und_batch must be even (minimal pairs), got {self.und_batch}")
         for name in ("und_category_weights", "negative_kind_weights"):
             weights = getattr(self, name)
             if len(weights) != 6 or min(weights) < 0 or max(weights) <= 0:
@@ -139,23 +143,25 @@ class TaskSampler:
         return [p.text for p in prompts], torch.stack([self.world.sample_image(p, self.rng) for p in prompts])
 
     def understanding(self, n: int, hard: float) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-        """n judged pairs, half true: texts, scenes LongTensor[n, L], labels float[n]."""
+        """n // 2 minimal pairs (a prompt with a true scene, label 1, and the same prompt with a
+        negative, label 0): texts, scenes LongTensor[n, L], labels float[n]. With probability
+        ``hard`` the negative is a one-edit hard negative of that very scene, so the pair differs
+        in exactly the feature the edit changed; otherwise a true scene of another prompt."""
         texts, scenes, labels = [], [], []
-        for i in range(n):
+        for _ in range(n // 2):
             prompt = self.prompt(self.und_p)
             scene = self.world.sample_image(prompt, self.rng)
-            label = i % 2 == 0
-            if not label:
-                if self.rng.random() < hard:
-                    negatives = self.world.negatives(prompt, scene, self.rng)
-                    weights = np.array([self.kind_weight[kind] for kind, _ in negatives])
-                    scene = negatives[self.rng.choice(len(negatives), p=weights / weights.sum())][1]
-                else:
-                    while self.world.oracle(prompt, scene):
-                        scene = self.world.sample_image(self.prompt(), self.rng)
-            texts.append(prompt.text)
-            scenes.append(scene)
-            labels.append(float(label))
+            if self.rng.random() < hard:
+                negatives = self.world.negatives(prompt, scene, self.rng)
+                weights = np.array([self.kind_weight[kind] for kind, _ in negatives])
+                negative = negatives[self.rng.choice(len(negatives), p=weights / weights.sum())][1]
+            else:
+                negative = scene
+                while self.world.oracle(prompt, negative):
+                    negative = self.world.sample_image(self.prompt(), self.rng)
+            texts += [prompt.text, prompt.text]
+            scenes += [scene, negative]
+            labels += [1.0, 0.0]
         return texts, torch.stack(scenes), torch.tensor(labels)
 
 
@@ -173,6 +179,7 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[ToyAdapter,
         num_layers=config.num_layers,
         num_heads=config.num_heads,
         intermediate_size=config.intermediate_size,
+        attribute_embeddings=config.attribute_embeddings,
     )
     model = adapter.model
     model.train()

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ntkdyn.analysis.dynamics import TrackingConfig
-from ntkdyn.evaluate import CandidateRecord, evaluate
+from ntkdyn.evaluate import CandidateRecord, evaluate, read_prompts
 from ntkdyn.models import load_adapter
 from ntkdyn.trainer.config import RunConfig, add_dataclass_arguments, build_parser, config_from_args
 from ntkdyn.trainer.data import stratified_prompts
@@ -183,7 +183,10 @@ def main(argv: list[str] | None = None) -> dict:
     adapter = load_adapter(*cfg.model)
     adapter.model.to(dist.device)
     world = getattr(adapter, "world", None) or ShapesWorld(seed=0)
-    prompts = stratified_prompts(world, "train", cfg.data.prompts, cfg.train.seed)
+    if cfg.data.prompts.isdigit():
+        prompts = stratified_prompts(world, "train", int(cfg.data.prompts), cfg.train.seed)
+    else:
+        prompts = read_prompts(cfg.data.prompts, world)
     eval_prompts = stratified_prompts(world, "eval", cfg.eval.eval_prompts, cfg.train.seed)
     before, pretrained_records = pretrained_evaluation(adapter, world, eval_prompts, cfg, dist)
 

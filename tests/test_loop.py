@@ -85,7 +85,7 @@ def _cfg(tmp_path, **train):
     return RunConfig(
         out=str(tmp_path),
         train=TrainConfig(**t),
-        data=DataConfig(judge="none", prompts=6, candidates=2, gen_batch=3),
+        data=DataConfig(judge="none", prompts="6", candidates=2, gen_batch=3),
     )
 
 
@@ -134,7 +134,7 @@ def test_curriculum_revisits_exactly_the_discard_pool(tmp_path):
     cfg = RunConfig(
         out=str(tmp_path),
         train=TrainConfig(run="curriculum", rounds=3, max_steps=6, batch_size=4, micro_batch_size=4, lr=0.01),
-        data=DataConfig(judge="self", accept_threshold=threshold, prompts=12, candidates=3, gen_batch=4),
+        data=DataConfig(judge="self", accept_threshold=threshold, prompts="12", candidates=3, gen_batch=4),
     )
     train(adapter, adapter.world, prompts, cfg, Dist(), lambda a: {}, {})
     rows = read_jsonl(tmp_path / "data.jsonl")

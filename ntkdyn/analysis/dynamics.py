@@ -267,34 +267,56 @@ class DynamicsTracker:
                 with torch.no_grad():
                     f_after = g.fn(model, g.batch).detach()
                 values[g.name] = (f_before, f_after, change)
-        train = torch.cat(pending.train_features) if pending.train_features else None
-        rows = self._probe_rows(pending, values, p_delta, train)
-        ntk_row, tensors = self._kernels(pending, train, rows)
+        index, gram = self._gram(pending, p_delta)
+        rows = self._probe_rows(pending, values, index, gram)
+        ntk_row, tensors = self._kernels(pending, index, gram, rows)
         if self.rank == 0:
             self._write(rows + [ntk_row], tensors, step)
         return rows
+
+    def _gram(self, pending: _Pending, p_delta: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One Gram matrix G = F F^T (float64 on CPU) of all features F = [φ of every probe group;
+        φ_L of the training samples; P Δθ]: every kernel entry and every feature prediction is an
+        entry of G. float32 products over column chunks of 2^16, summed in float64 (accurate without
+        a float64 copy of F). index: group name / TRAIN / "delta" -> rows of F."""
+        parts = [pending.features[g.name] for g in self.probes] + pending.train_features + [p_delta[None]]
+        features = torch.cat([x.float() for x in parts])
+        gram = torch.zeros(features.shape[0], features.shape[0], dtype=torch.float64)
+        for chunk in features.split(1 << 16, dim=1):
+            gram += (chunk @ chunk.T).double().cpu()
+        index: dict[str, torch.Tensor] = {}
+        start = 0
+        for g in self.probes:
+            n = pending.features[g.name].shape[0]
+            index[g.name] = torch.arange(start, start + n)
+            start += n
+        n_train = sum(x.shape[0] for x in pending.train_features)
+        if n_train:
+            index[TRAIN] = torch.arange(start, start + n_train)
+        index["delta"] = torch.tensor([start + n_train])
+        return index, gram
 
     def _probe_rows(
         self,
         pending: _Pending,
         values: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-        p_delta: torch.Tensor,
-        train: torch.Tensor | None,
+        index: dict[str, torch.Tensor],
+        gram: torch.Tensor,
     ) -> list[dict]:
         rows = []
         for g in self.probes:
-            phi = pending.features[g.name]
+            own = index[g.name]
             f_before, f_after, change = values[g.name]
-            if f_before.shape != (phi.shape[0],):
+            if f_before.shape != (own.numel(),):
                 raise ValueError(
                     f"probe group {g.name!r}: fn returned shape {tuple(f_before.shape)}, "
-                    f"features have {phi.shape[0]} rows"
+                    f"features have {own.numel()} rows"
                 )
-            from_features = phi.double() @ p_delta.double()
+            from_features = gram[own, index["delta"][0]]  # <φ(o), P Δθ>
             contrib = None
-            if train is not None:
-                contrib = -pending.lr * (phi.double() @ train.double().T) / train.shape[0]  # [B_g, B_u]
-            labels, categories = g.sample_labels(phi.shape[0]), g.sample_categories(phi.shape[0])
+            if TRAIN in index:  # -η K(o, u) / B: [B_g, B_u]
+                contrib = -pending.lr * gram[own][:, index[TRAIN]] / index[TRAIN].numel()
+            labels, categories = g.sample_labels(own.numel()), g.sample_categories(own.numel())
             for i, label in enumerate(labels):
                 row: dict[str, Any] = {
                     "kind": "probe",
@@ -321,28 +343,29 @@ class DynamicsTracker:
         return rows
 
     def _kernels(
-        self, pending: _Pending, train: torch.Tensor | None, rows: list[dict]
+        self, pending: _Pending, index: dict[str, torch.Tensor], gram: torch.Tensor, rows: list[dict]
     ) -> tuple[dict, dict[str, torch.Tensor]]:
         """eNTK blocks between measurements (and the training samples), raw and cosine-normalised,
         and the scalars of the ntk row: kernel alignment <K_aa, K_bb>_F / (|K_aa| |K_bb|) between
         measurements with equally many probes, and for measurements on the same probe pairs (equal
         labels) the mean same-pair cosine cos(φ_a(o), φ_b(o)) overall and per category."""
-        phis: dict[str, torch.Tensor] = {}
+        rows_of: dict[str, torch.Tensor] = {}
         for g in self.probes:
-            phis[g.measurement] = torch.cat(
-                [phis.get(g.measurement, torch.empty(0)), pending.features[g.name].double().cpu()]
+            rows_of[g.measurement] = torch.cat(
+                [rows_of.get(g.measurement, torch.empty(0, dtype=torch.long)), index[g.name]]
             )
-        labels = {m: [r["probe"] for r in rows if r["measurement"] == m] for m in phis}
-        categories = {m: [r["category"] for r in rows if r["measurement"] == m] for m in phis}
-        if train is not None:
-            phis[TRAIN] = train.double().cpu()
-        order = list(phis)
-        norms = {m: (phi * phi).sum(1) for m, phi in phis.items()}
+        labels = {m: [r["probe"] for r in rows if r["measurement"] == m] for m in rows_of}
+        categories = {m: [r["category"] for r in rows if r["measurement"] == m] for m in rows_of}
+        if TRAIN in index:
+            rows_of[TRAIN] = index[TRAIN]
+        order = list(rows_of)
+        diag = torch.diagonal(gram)
+        norms = {m: diag[idx] for m, idx in rows_of.items()}
         tensors: dict[str, torch.Tensor] = {}
         row: dict[str, Any] = {"kind": "ntk", "step": pending.step, "lr": pending.lr}
         for i, a in enumerate(order):
             for b in order[: i + 1]:
-                k = phis[a] @ phis[b].T
+                k = gram[rows_of[a]][:, rows_of[b]]
                 tensors[f"K/{a},{b}"] = k.float().contiguous()
                 tensors[f"Kcos/{a},{b}"] = cosine_normalise(k, norms[a], norms[b]).float().contiguous()
         for a in order:
@@ -350,7 +373,7 @@ class DynamicsTracker:
         probe_ms = [m for m in order if m != TRAIN]
         for i, a in enumerate(probe_ms):
             for b in probe_ms[:i]:
-                if phis[a].shape[0] == phis[b].shape[0]:
+                if rows_of[a].numel() == rows_of[b].numel():
                     row[f"ntk/alignment/{a},{b}"] = kernel_alignment(
                         tensors[f"K/{a},{a}"], tensors[f"K/{b},{b}"]
                     )
@@ -360,7 +383,7 @@ class DynamicsTracker:
                     for c in dict.fromkeys(categories[a]):
                         chosen = torch.tensor([x == c for x in categories[a]])
                         row[f"ntk/cross_cos/{a},{b}/{c}"] = float(cos[chosen].mean())
-            if train is not None:
+            if TRAIN in index:
                 row[f"ntk/train_cos/{a}"] = float(tensors[f"Kcos/{TRAIN},{a}"].mean())
         return row, tensors
 

@@ -23,9 +23,10 @@ Every tracked parameter is seen as a matrix G of shape (d0, d1) (its stored shap
   - "kronecker": feature = P0^T G P1 / k^(m/2), P_i a seeded [d_i, k] Rademacher/Gaussian factor, or
     the identity when d_i <= k (that axis kept exact), m the number of projected axes. nn.Linear and
     transformers' Conv1D use the fused token projection sum_t (P^T g_t)(P'^T a_t)^T
-    (ntkdyn.kernels.kron_projection), bias included; nn.Embedding gathers the rows P0[id_t] (never a [B, vocab, dim] tensor); other modules (norms, ...)
-    get exact per-sample gradients by torch.func on that module alone, then the same projection.
-    An optional second stage (subsampled randomized Hadamard transform) compresses selected blocks.
+    (ntkdyn.kernels.kron_projection), bias included; nn.Embedding gathers the rows P0[id_t] (never a
+    [B, vocab, dim] tensor); other modules (norms, ...) get exact per-sample gradients by torch.func
+    on that module alone, then the same projection. An optional second stage (subsampled randomized
+    Hadamard transform) compresses selected blocks.
   - "dense": the materialised per-sample gradient times one seeded [P, k] JL matrix generated block by
     block (TRAK-like), feature dim k.
   - "exact": the materialised per-sample gradient itself (validation on small models).

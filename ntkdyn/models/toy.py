@@ -29,6 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ntkdyn.models.base import Judgement, UnifiedAdapter
 from ntkdyn.world import ShapesWorld
+from ntkdyn.world.shapes import COLORS
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<img>", "</img>", "<cap>")
 QUESTION = ("does", "this", "image", "describe")
@@ -47,6 +48,7 @@ class ToyConfig:
     world_seed: int = 0
     grid_size: int = 3
     cell_pixels: int = 16
+    attribute_embeddings: bool = False
 
     def __post_init__(self):
         for name in (
@@ -78,9 +80,15 @@ class ToyUnifiedLM(LlamaForCausalLM):
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
         self.cell_embed = nn.Embedding(config.num_cells + 1, config.hidden_size, padding_idx=0)
+        if config.attribute_embeddings:
+            self.shape_embed = nn.Embedding(config.num_shapes + 1, config.hidden_size, padding_idx=0)
+            self.color_embed = nn.Embedding(config.num_colors + 1, config.hidden_size, padding_idx=0)
         self.post_init()
         with torch.no_grad():
             self.cell_embed.weight[0].zero_()
+            if config.attribute_embeddings:
+                self.shape_embed.weight[0].zero_()
+                self.color_embed.weight[0].zero_()
 
     def cell_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, T] -> [B, T]: 1 + rank of each image token in its row, 0 elsewhere."""
@@ -90,6 +98,12 @@ class ToyUnifiedLM(LlamaForCausalLM):
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
         embeds = self.model.embed_tokens(input_ids) + self.cell_embed(self.cell_ids(input_ids))
+        if self.config.attribute_embeddings:
+            code = input_ids - self.config.image_token_offset
+            is_object = (code >= 1) & (code < self.config.codebook_size)
+            nc = self.config.num_colors
+            embeds = embeds + self.shape_embed(torch.where(is_object, 1 + (code - 1) // nc, 0))
+            embeds = embeds + self.color_embed(torch.where(is_object, 1 + (code - 1) % nc, 0))
         return super().forward(inputs_embeds=embeds, **kwargs)
 
 
@@ -138,6 +152,9 @@ class ToyAdapter(UnifiedAdapter):
             num_cells=world.image_tokens,
             image_token_offset=vocab.index("img:0"),
             codebook_size=world.codebook_size,
+            attribute_embeddings=config.attribute_embeddings,
+            num_shapes=(world.codebook_size - 1) // len(COLORS),
+            num_colors=len(COLORS),
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 RUN_KINDS = ("sft", "dpo", "curriculum")
@@ -140,7 +141,13 @@ class DataConfig:
     dpo_margin: float = field(
         default=0.0, metadata=_help("DPO keeps a pair when P(yes) chosen - P(yes) rejected >= this")
     )
-    prompts: int = field(default=256, metadata=_help("training prompts from the world's train split"))
+    prompts: str = field(
+        default="256",
+        metadata=_help(
+            "training prompts: a count P (P prompts of the world's train split, every category alike) or a "
+            'text/JSONL file of prompts (one per line / objects with a "text" field)'
+        ),
+    )
     gen_batch: int = field(default=32, metadata=_help("prompts per generation/judging chunk"))
 
     def __post_init__(self) -> None:
@@ -154,7 +161,11 @@ class DataConfig:
         )
         _check(0 <= self.sft_threshold <= 1, "sft_threshold", f"must be in [0, 1], got {self.sft_threshold}")
         _check(0 <= self.dpo_margin <= 1, "dpo_margin", f"must be in [0, 1], got {self.dpo_margin}")
-        _check(self.prompts >= 1, "prompts", f"must be >= 1, got {self.prompts}")
+        _check(
+            int(self.prompts) >= 1 if self.prompts.isdigit() else os.path.isfile(self.prompts),
+            "prompts",
+            f"expected a count >= 1 or a prompts file, got {self.prompts!r} (no such file)",
+        )
         _check(self.gen_batch >= 1, "gen_batch", f"must be >= 1, got {self.gen_batch}")
 
 
@@ -162,7 +173,9 @@ class DataConfig:
 class EvalConfig:
     """Evaluation on held-out eval prompts before, during and after training."""
 
-    eval_prompts: int = field(default=192, metadata=_help("eval prompts (world eval split, never trained on)"))
+    eval_prompts: int = field(
+        default=192, metadata=_help("eval prompts (world eval split, never trained on)")
+    )
     eval_candidates: int = field(default=8, metadata=_help("candidates per eval prompt"))
     co_degradation_tol: float = field(
         default=0.01,
