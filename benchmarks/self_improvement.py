@@ -4,8 +4,8 @@
 
 Runs each row's ``python -m ntkdyn.track`` command (with --no-track, one after the other; a row whose
 summary.json exists is not run again) and prints the markdown table: the pre-trained model, then every
-run's ``after`` metrics on the eval prompts. Rows that compare filters share the training budget
-(``--max-steps`` with a large ``--epochs``, so every run takes exactly that many optimizer steps).
+run's ``after`` metrics on the eval prompts. Every row has the same training budget: the defaults
+(30 epochs capped at 120 optimizer steps) make every run take exactly 120 steps.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-BUDGET = ["--max-steps", "120", "--epochs", "1000"]
+BUDGET: list[str] = []  # the defaults already give every run the same budget (120 optimizer steps)
 ROWS = {
     "sft-unfiltered": ["--run", "sft", "--judge", "none", *BUDGET],
     "sft-self": ["--run", "sft", *BUDGET],
@@ -29,9 +29,14 @@ ROWS = {
     "sft-self-no-replay": ["--run", "sft", "--replay-weight", "0", *BUDGET],
     "dpo-no-nll-no-replay": ["--run", "dpo", "--nll-weight", "0", "--replay-weight", "0", *BUDGET],
 }
-COLUMNS = [("gen_alignment", "gen_alignment"), ("und_accuracy", "und_accuracy"),
-           ("non_unification", "non_unification"), ("self_precision", "self_precision"),
-           ("co/fp_rejected", "former FPs rejected"), ("co/tp_kept", "TPs kept")]
+COLUMNS = [
+    ("gen_alignment", "gen_alignment"),
+    ("und_accuracy", "und_accuracy"),
+    ("non_unification", "non_unification"),
+    ("self_precision", "self_precision"),
+    ("co/fp_rejected", "former FPs rejected"),
+    ("co/tp_kept", "TPs kept"),
+]
 
 
 def command(name: str, out: Path, extra: list[str]) -> list[str]:
@@ -44,24 +49,32 @@ def cell(x) -> str:
 
 def table(out: Path, names: list[str], extra: list[str]) -> str:
     """Markdown rows: the pre-trained model (from the first run) and each run's after metrics."""
-    summaries = {n: json.loads((out / n / "summary.json").read_text()) for n in names
-                 if (out / n / "summary.json").exists()}
+    summaries = {
+        n: json.loads((out / n / "summary.json").read_text())
+        for n in names
+        if (out / n / "summary.json").exists()
+    }
     head = "| run | " + " | ".join(c for _, c in COLUMNS) + " | steps | wall (s) | command |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 4)]
     if summaries:
         before = next(iter(summaries.values()))["before"]
-        lines.append("| pre-trained | " + " | ".join(cell(before.get(k)) for k, _ in COLUMNS) + " | 0 | - | - |")
+        lines.append(
+            "| pre-trained | " + " | ".join(cell(before.get(k)) for k, _ in COLUMNS) + " | 0 | - | - |"
+        )
     for n, s in summaries.items():
         shown = ["python", "-m", "ntkdyn.track", *ROWS[n], "--no-track", *extra]
         flag = " (co-degradation)" if s["co_degradation"] else ""
-        lines.append(f"| {n}{flag} | " + " | ".join(cell(s["after"].get(k)) for k, _ in COLUMNS)
-                     + f" | {s['steps']} | {s['wall_s']:.0f} | `{shlex.join(shown)}` |")
+        lines.append(
+            f"| {n}{flag} | "
+            + " | ".join(cell(s["after"].get(k)) for k, _ in COLUMNS)
+            + f" | {s['steps']} | {s['wall_s']:.0f} | `{shlex.join(shown)}` |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--only", nargs="+", choices=list(ROWS), default=list(ROWS))

@@ -57,8 +57,7 @@ class PretrainConfig:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 256
-    attribute_embeddings: bool = False
-    steps: int = 3000
+    steps: int = 1400
     gen_batch: int = 16
     und_batch: int = 48
     caption_batch: int = 16
@@ -68,8 +67,8 @@ class PretrainConfig:
     hard_start: float = 0.3
     hard_end: float = 0.9
     hard_ramp: float = 0.3
-    und_category_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.5, 2.0, 2.0)
-    negative_kind_weights: tuple[float, ...] = (2.0, 1.0, 1.0, 1.0, 1.0, 3.0)  # order: NEGATIVE_KINDS
+    und_category_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.5, 2.5, 2.5)
+    negative_kind_weights: tuple[float, ...] = (2.0, 1.0, 1.0, 1.0, 1.0, 5.0)  # order: NEGATIVE_KINDS
     threads: int = 1
 
     def __post_init__(self):
@@ -179,7 +178,6 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[ToyAdapter,
         num_layers=config.num_layers,
         num_heads=config.num_heads,
         intermediate_size=config.intermediate_size,
-        attribute_embeddings=config.attribute_embeddings,
     )
     model = adapter.model
     model.train()

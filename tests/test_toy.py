@@ -7,6 +7,7 @@ from transformers import LlamaForCausalLM
 
 from ntkdyn.models import load_adapter
 from ntkdyn.models.toy import ToyAdapter
+from ntkdyn.world.shapes import COLORS, SHAPES
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +26,23 @@ def batch(toy):
 
 
 def next_token_logits(toy, sequence: list[int]) -> torch.Tensor:
-    """Logits [T, V] computed one token at a time with a KV cache, no padding, float64; each image
-    token's input is its token embedding plus the embedding of its cell (1 + its rank)."""
+    """Logits [T, V] computed one token at a time with a KV cache, no padding, float64. An image
+    token's input is its token embedding plus the embeddings of its cell's row and column (1 + index)
+    and, for an object, of its shape and color (1 + their index in the world's lists)."""
     model = toy.model.double()
     cache, rows, cell = None, [], 0
     with torch.no_grad():
         for t, token in enumerate(sequence):
-            is_image = toy.image_offset <= token < toy.image_offset + toy.codebook_size
-            cell = cell + 1 if is_image else cell
-            embed = model.model.embed_tokens.weight[token] + (
-                model.cell_embed.weight[cell] if is_image else 0
-            )
+            embed = model.model.embed_tokens.weight[token]
+            code = token - toy.image_offset
+            if 0 <= code < toy.codebook_size:
+                row, col = divmod(cell, toy.world.grid_size)
+                embed = embed + model.row_embed.weight[1 + row] + model.col_embed.weight[1 + col]
+                cell += 1
+                if code:
+                    shape, color = toy.world.describe_code(code)
+                    embed = embed + model.shape_embed.weight[1 + SHAPES.index(shape)]
+                    embed = embed + model.color_embed.weight[1 + COLORS.index(color)]
             out = LlamaForCausalLM.forward(
                 model,
                 inputs_embeds=embed[None, None],

@@ -48,7 +48,6 @@ class ToyConfig:
     world_seed: int = 0
     grid_size: int = 3
     cell_pixels: int = 16
-    attribute_embeddings: bool = False
 
     def __post_init__(self):
         for name in (
@@ -69,41 +68,50 @@ class ToyConfig:
 
 
 class ToyUnifiedLM(LlamaForCausalLM):
-    """LlamaForCausalLM whose image tokens also get a learned embedding of their grid cell.
+    """LlamaForCausalLM whose image tokens also get learned embeddings of their grid row and
+    column and of their object's shape and color (the structure of the toy codebook).
 
-    inputs_embeds = embed_tokens(input_ids) + cell_embed(cell), cell = 1 + index of the image
-    token among the sequence's image tokens (0 for every other token; that row stays zero), so
-    a cell's position (hence rows, columns and relations) can be read from its own residual
-    stream. Cells are counted over the whole input_ids, so call it on full sequences.
+    inputs_embeds = embed_tokens(id) + row_embed(row) + col_embed(col) + shape_embed(shape)
+    + color_embed(color): for the k-th image token of the sequence (k = 0, 1, ...), row = 1 + k // grid
+    and col = 1 + k % grid; shape/color = 1 + the object's shape/color index; 0 (a zero row) for
+    every other token and for empty cells' shape/color. Positions (hence relations) and attributes
+    are then readable from each image token's own residual stream. Image tokens are counted over
+    the whole input_ids: call it on full sequences.
     """
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
-        self.cell_embed = nn.Embedding(config.num_cells + 1, config.hidden_size, padding_idx=0)
-        if config.attribute_embeddings:
-            self.shape_embed = nn.Embedding(config.num_shapes + 1, config.hidden_size, padding_idx=0)
-            self.color_embed = nn.Embedding(config.num_colors + 1, config.hidden_size, padding_idx=0)
+        self.row_embed = nn.Embedding(config.grid_size + 1, config.hidden_size, padding_idx=0)
+        self.col_embed = nn.Embedding(config.grid_size + 1, config.hidden_size, padding_idx=0)
+        self.shape_embed = nn.Embedding(config.num_shapes + 1, config.hidden_size, padding_idx=0)
+        self.color_embed = nn.Embedding(config.num_colors + 1, config.hidden_size, padding_idx=0)
         self.post_init()
         with torch.no_grad():
-            self.cell_embed.weight[0].zero_()
-            if config.attribute_embeddings:
-                self.shape_embed.weight[0].zero_()
-                self.color_embed.weight[0].zero_()
+            for table in (self.row_embed, self.col_embed, self.shape_embed, self.color_embed):
+                table.weight[0].zero_()
 
-    def cell_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, T] -> [B, T]: 1 + rank of each image token in its row, 0 elsewhere."""
-        start = self.config.image_token_offset
+    def position_ids_2d(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T] -> (1 + row, 1 + col) of each image token's grid cell, 0 for every other token."""
+        start, grid = self.config.image_token_offset, self.config.grid_size
         is_image = (input_ids >= start) & (input_ids < start + self.config.codebook_size)
-        return (is_image.long().cumsum(1) * is_image).clamp(max=self.config.num_cells)
+        rank = (is_image.long().cumsum(1) - 1).clamp(min=0, max=grid * grid - 1)
+        return torch.where(is_image, 1 + rank // grid, 0), torch.where(is_image, 1 + rank % grid, 0)
+
+    def attribute_ids(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T] -> (1 + shape, 1 + color) of each object token, code c >= 1 holding shape
+        (c - 1) // n_colors and color (c - 1) % n_colors; 0 for every other token."""
+        code = input_ids - self.config.image_token_offset
+        is_object = (code >= 1) & (code < self.config.codebook_size)
+        n_colors = self.config.num_colors
+        return torch.where(is_object, 1 + (code - 1) // n_colors, 0), torch.where(
+            is_object, 1 + (code - 1) % n_colors, 0
+        )
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
-        embeds = self.model.embed_tokens(input_ids) + self.cell_embed(self.cell_ids(input_ids))
-        if self.config.attribute_embeddings:
-            code = input_ids - self.config.image_token_offset
-            is_object = (code >= 1) & (code < self.config.codebook_size)
-            nc = self.config.num_colors
-            embeds = embeds + self.shape_embed(torch.where(is_object, 1 + (code - 1) // nc, 0))
-            embeds = embeds + self.color_embed(torch.where(is_object, 1 + (code - 1) % nc, 0))
+        row_ids, col_ids = self.position_ids_2d(input_ids)
+        shape_ids, color_ids = self.attribute_ids(input_ids)
+        embeds = self.model.embed_tokens(input_ids) + self.row_embed(row_ids) + self.col_embed(col_ids)
+        embeds = embeds + self.shape_embed(shape_ids) + self.color_embed(color_ids)
         return super().forward(inputs_embeds=embeds, **kwargs)
 
 
@@ -149,10 +157,9 @@ class ToyAdapter(UnifiedAdapter):
             pad_token_id=vocab.index("<pad>"),
             bos_token_id=vocab.index("<bos>"),
             eos_token_id=vocab.index("<eos>"),
-            num_cells=world.image_tokens,
+            grid_size=world.grid_size,
             image_token_offset=vocab.index("img:0"),
             codebook_size=world.codebook_size,
-            attribute_embeddings=config.attribute_embeddings,
             num_shapes=(world.codebook_size - 1) // len(COLORS),
             num_colors=len(COLORS),
         )

@@ -4,9 +4,9 @@ is built from these fields by :func:`add_dataclass_arguments`.
 
 Budget: a run is ``rounds`` rounds; each round collects data (Algorithm 1; in a curriculum
 run, round r > 0 revisits the discard pool, Algorithm 2) and then trains ``ceil(epochs * n /
-batch_size)`` optimizer steps on its n items, capped by ``max_steps // rounds`` when ``max_steps`` is
-set (the remainder goes to the last round). Runs with different data sizes get an equal budget with
-a large ``--epochs`` and the same ``--max-steps``.
+batch_size)`` optimizer steps on its n items, capped by ``max_steps // rounds`` (the remainder goes to
+the last round; max_steps 0: no cap). The defaults (30 epochs, 120 steps) make every run take exactly
+120 steps, so runs with different filters, objectives and data sizes have an equal budget.
 """
 
 from __future__ import annotations
@@ -52,9 +52,15 @@ class TrainConfig:
         default=32, metadata=_help("items per forward/backward on one process (gradient accumulation)")
     )
     grad_clip: float = field(default=1.0, metadata=_help("clip the global grad norm to this (0 = off)"))
-    epochs: float = field(default=2.0, metadata=_help("epochs over each round's data (unless --max-steps)"))
-    max_steps: int | None = field(
-        default=None, metadata=_help("cap on the optimizer steps over all rounds (equal-budget comparisons)")
+    epochs: float = field(
+        default=30.0, metadata=_help("epochs over each round's data, capped by --max-steps (paper: 20-30)")
+    )
+    max_steps: int = field(
+        default=120,
+        metadata=_help(
+            "cap on the optimizer steps over all rounds: every default run trains this many steps (equal "
+            "budget across filters and objectives); 0 = no cap"
+        ),
     )
     rounds: int = field(
         default=1,
@@ -101,9 +107,9 @@ class TrainConfig:
         _check(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
         _check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         _check(
-            self.max_steps is None or self.max_steps >= self.rounds,
+            self.max_steps == 0 or self.max_steps >= self.rounds,
             "max_steps",
-            f"must be >= rounds ({self.rounds}), got {self.max_steps}",
+            f"must be 0 (no cap) or >= rounds ({self.rounds}), got {self.max_steps}",
         )
         _check(self.beta > 0, "beta", f"DPO beta must be > 0, got {self.beta}")
         _check(self.nll_weight >= 0, "nll_weight", f"must be >= 0, got {self.nll_weight}")
@@ -284,7 +290,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             dest=f.name,
             type=kind,
             default=argparse.SUPPRESS,
-            help=f"{helptext} (default: {default})",
+            help=helptext if default is None else f"{helptext} (default: {default})",
             **meta,
         )
 

@@ -72,9 +72,10 @@ def learning_rate(cfg: TrainConfig, k: int, steps: int) -> float:
 
 def round_steps(cfg: TrainConfig, round_index: int, size: int) -> int:
     """Optimizer steps of a round with ``size`` items: ceil(epochs * size / batch_size), capped by the
-    round's share of max_steps (max_steps // rounds, the remainder to the last round); 0 without data."""
+    round's share of max_steps (max_steps // rounds, the remainder to the last round; max_steps 0: no cap);
+    0 without data."""
     steps = math.ceil(cfg.epochs * size / cfg.batch_size)
-    if cfg.max_steps is not None:
+    if cfg.max_steps:
         share = cfg.max_steps // cfg.rounds
         share += cfg.max_steps - share * cfg.rounds if round_index == cfg.rounds - 1 else 0
         steps = min(steps, share)
