@@ -319,12 +319,17 @@ def test_bad_configuration_is_named():
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
     torch.manual_seed(0)
     raw = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
     ddp = torch.nn.parallel.DistributedDataParallel(raw)
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    x, y = (
+        torch.randn(6, 3, generator=g, dtype=torch.float64),
+        torch.randn(6, generator=g, dtype=torch.float64),
+    )
     local = {"x": x[3 * rank : 3 * rank + 3], "y": y[3 * rank : 3 * rank + 3]}  # this rank's share
 
     def loss_fn(m, batch):

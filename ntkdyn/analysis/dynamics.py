@@ -499,7 +499,13 @@ class TrackingConfig:
             "choices": ("kronecker", "dense", "exact"),
         },
     )
-    proj_k: int = field(default=128, metadata={"help": "projection size k (per factor for kronecker)"})
+    proj_k: int = field(
+        default=128,
+        metadata={
+            "help": "projection size k (per factor for kronecker; 128 keeps the feature predictor within "
+            "0.05 Pearson of the exact one on the toy, see BENCHMARKS.md)"
+        },
+    )
     proj_seed: int = field(default=0, metadata={"help": "seed of the projection factors"})
     probes_per_category: int = field(default=8, metadata={"help": "probe pairs per category"})
     probe_seed: int = field(default=0, metadata={"help": "seed of the probe choice"})

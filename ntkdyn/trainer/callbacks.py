@@ -20,7 +20,9 @@ loss_fn: ``loss_fn(model, inputs) -> Tensor[B]`` per-sample training losses of t
 inputs, whose mean is the step loss; None skips the kernel form (``predicted_sgd``) while the
 exact and feature predictions, which only need the real update, remain. Steps are numbered as
 ``state.global_step`` after the update (1, 2, ...); step s is tracked when s % every == 0.
-Rows are the same ``dynamics.jsonl`` rows as every other way of tracking.
+Rows are the same ``dynamics.jsonl`` rows as every other way of tracking. Probes are measured in
+fp32 and eval mode even when the trainer runs under bf16 autocast (accelerate's autocast wrapper
+of the forward is bypassed while measuring): one step's change is below bf16 resolution.
 """
 
 from __future__ import annotations
