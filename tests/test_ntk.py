@@ -53,6 +53,7 @@ def reference(llama):
     batch_a, batch_b = make_batch(6, 12, seed=1), make_batch(4, 12, seed=2)
     model64 = LlamaForCausalLM(llama.config).double().eval()
     model64.load_state_dict(llama.state_dict())
+
     def both(model, batches):  # one Jacobian for all three blocks
         return torch.cat([lm_logprob(model, batches[0]), last_token_entropy(model, batches[1])])
 

@@ -357,6 +357,12 @@ def test_bad_input_errors_name_the_problem():
         projector.project_update({})
 
 
+def test_triton_on_cpu_model_without_interpreter_fails_at_construction(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        GradientProjector(nn.Linear(3, 2), ProjectionConfig(implementation="triton"))
+
+
 def test_non_finite_features_name_the_layer():
     model = tiny_llama().float()
     with torch.no_grad():
