@@ -3,7 +3,8 @@
     python -m ntkdyn.track --run {sft,dpo,curriculum} [--model NAME [PATH]] [--prompts P] [--out DIR]
         [--seed S] [--max-steps T] [--epochs E] [--rounds R] [--judge {self,oracle,none}] [--resume]
         [--no-track] ...   (every option: --help)
-    torchrun --nproc-per-node 2 -m ntkdyn.track ...   (DDP: gloo on CPU, nccl on GPU)
+    torchrun --nproc-per-node 2 -m ntkdyn.track -- --run dpo ...   (DDP: gloo on CPU, nccl on GPU; the
+        "--" keeps torchrun from reading --run as its own --run-path)
 
 1. evaluate the pre-trained model on eval prompts (the ``before`` metrics and its judged generations,
    kept in the run directory); 2. build the tracker (unless --no-track); 3. train (ntkdyn.trainer.loop);

@@ -136,3 +136,36 @@ def test_bad_inputs_give_clear_errors(toy):
         toy.encode(torch.zeros(1, 10, 10, 3, dtype=torch.uint8))
     with pytest.raises(ValueError, match="unknown model 'nope'.*toy-tiny"):
         load_adapter("nope")
+
+
+def test_pretraining_is_deterministic_and_cached(tmp_path, monkeypatch):
+    """A few steps of the recipe twice give identical weights; the cache is written once and read back."""
+    from ntkdyn.pretrain import PretrainConfig, cache_dir, pretrain, pretrained_toy
+
+    config = PretrainConfig(
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=64,
+        steps=3,
+        gen_batch=2,
+        und_batch=4,
+        caption_batch=2,
+        warmup=1,
+    )
+    first, log = pretrain(config, progress=False)
+    second, _ = pretrain(config, progress=False)
+    for (name, a), (_, b) in zip(
+        first.model.named_parameters(), second.model.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert log[-1]["step"] == 3 and np.isfinite(log[-1]["und_loss"])
+    monkeypatch.setenv("NTKDYN_CACHE", str(tmp_path))
+    cached = pretrained_toy(config, progress=False)
+    assert cache_dir(config).parent == tmp_path and (cache_dir(config) / "pretrain_log.json").is_file()
+    for (name, a), (_, b) in zip(
+        first.model.named_parameters(), cached.model.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="und_batch must be even"):
+        PretrainConfig(und_batch=3)
