@@ -24,10 +24,11 @@ ROWS = {
     "sft-self": ["--run", "sft", *BUDGET],
     "sft-oracle": ["--run", "sft", "--judge", "oracle", *BUDGET],
     "sft-self-3-rounds": ["--run", "sft", "--rounds", "3", *BUDGET],
-    "dpo": ["--run", "dpo", *BUDGET],
     "curriculum": ["--run", "curriculum", "--rounds", "3", *BUDGET],
+    "dpo": ["--run", "dpo", *BUDGET],
     "sft-self-no-replay": ["--run", "sft", "--replay-weight", "0", *BUDGET],
-    "dpo-no-nll-no-replay": ["--run", "dpo", "--nll-weight", "0", "--replay-weight", "0", *BUDGET],
+    "dpo-no-nll": ["--run", "dpo", "--nll-weight", "0", *BUDGET],
+    "dpo-lr-5e-5": ["--run", "dpo", "--lr", "5e-5", *BUDGET],
 }
 COLUMNS = [
     ("gen_alignment", "gen_alignment"),

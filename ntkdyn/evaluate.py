@@ -118,7 +118,9 @@ def evaluate(
 ) -> EvalResult:
     """Sample ``candidates`` images per prompt, judge them with the model's own understanding and
     with the oracle, and score understanding on ``und_pairs`` true scenes per prompt, each with one
-    hard negative of every applicable kind.
+    hard negative of every applicable kind. True scenes are rendered by the world and, when the
+    adapter declares another ``image_size`` (H, W) or side, resized to it (nearest neighbour) before
+    ``adapter.encode``; generations are decoded and parsed at the world's exact size.
 
     metrics: see :func:`gap_metrics`; per_category holds the same keys per category. Overall
     ``non_unification`` and ``gen_alignment`` are the unweighted means over categories (as in the
@@ -166,6 +168,11 @@ def evaluate(
     for start in range(0, len(probes), batch_size):
         chunk = probes[start : start + batch_size]
         pixels = torch.from_numpy(np.stack([world.render(scene) for _, _, scene in chunk]))
+        size = getattr(adapter, "image_size", world.image_size)
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if size != world.image_size:  # a real model's own resolution: nearest-neighbour resize
+            pixels = torch.nn.functional.interpolate(pixels.permute(0, 3, 1, 2), size=size, mode="nearest")
+            pixels = pixels.permute(0, 2, 3, 1).contiguous()
         judged = adapter.judge(adapter.encode(pixels), [p.text for p, _, _ in chunk]).p_yes.float().cpu()
         und_records.extend(
             UnderstandingRecord(p, kind, float(q)) for (p, kind, _), q in zip(chunk, judged, strict=True)
