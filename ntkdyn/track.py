@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from ntkdyn.analysis.dynamics import TrackingConfig
+from ntkdyn.analysis.dynamics import TrackingConfig, read_jsonl
 from ntkdyn.evaluate import CandidateRecord, evaluate, read_prompts
 from ntkdyn.models import load_adapter
+from ntkdyn.plot import plot_run
 from ntkdyn.trainer.config import RunConfig, add_dataclass_arguments, build_parser, config_from_args
 from ntkdyn.trainer.data import stratified_prompts
 from ntkdyn.trainer.distributed import Dist, init_distributed
@@ -163,7 +164,27 @@ def format_summary(summary: dict) -> str:
         )
     if summary["co_degradation"]:
         lines.append("CO-DEGRADATION: generation alignment and understanding accuracy both fell")
+    if "dynamics" in summary:
+        lines.append("")
+        lines.append("predicted vs observed change of the probes (pearson; exact first order, features)")
+        for branch, stats in summary["dynamics"].items():
+            features = stats.get("features", {}).get("pearson")
+            lines.append(
+                f"  {branch:<8} exact {cell(stats.get('pearson'))}  features {cell(features)}  "
+                f"sign agreement {cell(stats.get('sign_agreement'))}  n={stats.get('n')}"
+            )
+        lines.append("shared eNTK, mean over tracked steps")
+        for key, value in summary["ntk"].items():
+            lines.append(f"  {key:<34}{cell(value)}")
     return "\n".join(lines)
+
+
+def mean_ntk_scalars(run_dir: Path) -> dict:
+    """Mean over tracked steps of the shared-kernel scalars of dynamics.jsonl's ntk rows
+    (ntk/cross_cos/* and ntk/alignment/* without a per-category suffix)."""
+    rows = [r for r in read_jsonl(run_dir / "dynamics.jsonl") if r.get("kind") == "ntk"]
+    keys = [k for k in (rows[0] if rows else {}) if k.startswith(("ntk/cross_cos/", "ntk/alignment/"))]
+    return {k: sum(r[k] for r in rows) / len(rows) for k in keys if k.count("/") == 2}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -212,9 +233,12 @@ def main(argv: list[str] | None = None) -> dict:
     summary.update(steps=final["step"], wall_s=time.time() - start)
     if hooks:
         summary["dynamics"] = hooks[0].summary()
+        summary["ntk"] = mean_ntk_scalars(run_dir)
     if dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         print(format_summary(summary))
+        plot_run(run_dir)
+        print(f"run directory: {run_dir} (figures in {run_dir / 'figures'})")
     if dist.enabled:
         torch.distributed.destroy_process_group()
     return summary

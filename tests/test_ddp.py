@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_values
 from safetensors.torch import load_file
 
 from ntkdyn.models.toy import ToyAdapter
@@ -15,25 +16,7 @@ from ntkdyn.trainer.checkpoint import read_jsonl
 from ntkdyn.trainer.data import collect_candidates, stratified_prompts
 from ntkdyn.trainer.distributed import Dist
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the CLI sets one); restore the count afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _close(x, y):
-    assert x.keys() == y.keys()
-    for k in x:
-        if isinstance(x[k], float):
-            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
-        elif isinstance(x[k], dict):
-            _close(x[k], y[k])
-        else:
-            assert x[k] == y[k], k
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_two_processes_equal_one(tmp_path):
@@ -84,7 +67,7 @@ def test_two_processes_equal_one(tmp_path):
         rows_one, rows_two = read_jsonl(one / name), read_jsonl(two / name)
         assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two]  # rank 1 wrote nothing
         for a, b in zip(rows_one, rows_two, strict=True):
-            _close(a, b)
+            assert_same_values(a, b)
     assert summary["steps"] == 3
     model_one = torch.load(one / "checkpoint.pt", weights_only=False)["model"]
     model_two = torch.load(two / "checkpoint.pt", weights_only=False)["model"]

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import (
+    PROMPTS,
+    TOL,
+    AdapterContract,
+    processor_logits,
+    random_codes,
+)
 from transformers import DynamicCache
 
-from ntkdyn import GradientProjector, ProjectionConfig
 from ntkdyn.models.emu3 import Emu3Adapter
 
-PROMPTS = ["two blue squares left of a yellow star", "one cross"]  # a padded batch: 2 lengths
-TOL = dict(rtol=1e-4, atol=1e-4)
 UND = "You are a helpful assistant. USER: <image>{question} ASSISTANT:"
 
 
@@ -23,27 +27,12 @@ def adapter() -> Emu3Adapter:
 
 @pytest.fixture(scope="module")
 def pixels(adapter) -> torch.Tensor:
-    codes = torch.randint(
-        0,
-        adapter.codebook_size,
-        (len(PROMPTS), adapter.image_tokens),
-        generator=torch.Generator().manual_seed(1),
-    )
-    return adapter.decode(codes)
+    return adapter.decode(random_codes(adapter))
 
 
 @pytest.fixture(scope="module")
 def images(adapter, pixels) -> torch.Tensor:
     return adapter.encode(pixels)
-
-
-def official_logits(
-    adapter: Emu3Adapter, pixels: torch.Tensor, text: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sample through Emu3Processor and the model's own pixel path: (input_ids [T], logits [T, V])."""
-    inputs = adapter.processor(text=[text], images=[pixels.numpy()], return_tensors="pt")
-    with torch.no_grad():
-        return inputs["input_ids"][0], adapter.model(**inputs).logits[0]
 
 
 def generation_ids(adapter: Emu3Adapter, prompt: str) -> torch.Tensor:
@@ -88,7 +77,7 @@ def test_judge_on_encoded_pixels_matches_official_pixel_path(adapter, pixels, im
     yes = adapter.tokenizer.encode(" yes", add_special_tokens=False)[0]
     no = adapter.tokenizer.encode(" no", add_special_tokens=False)[0]
     for b, prompt in enumerate(PROMPTS):
-        _, logits = official_logits(
+        _, logits = processor_logits(
             adapter, pixels[b], UND.format(question=f"Does this image describe {prompt}?")
         )
         torch.testing.assert_close(got.log_odds[b].detach(), logits[-1, yes] - logits[-1, no], **TOL)
@@ -98,23 +87,12 @@ def test_judge_on_encoded_pixels_matches_official_pixel_path(adapter, pixels, im
 def test_caption_logprob_matches_token_by_token(adapter, pixels, images):
     got = adapter.caption_logprob(images, PROMPTS)
     for b, prompt in enumerate(PROMPTS):
-        ids, logits = official_logits(
+        ids, logits = processor_logits(
             adapter, pixels[b], UND.format(question="Describe the image.") + f" {prompt}"
         )
         n = len(adapter.tokenizer.encode(" " + prompt, add_special_tokens=False))
         expected = sum(torch.log_softmax(logits[t - 1], -1)[ids[t]] for t in range(len(ids) - n, len(ids)))
         torch.testing.assert_close(got[b].detach(), expected, **TOL)
-
-
-def test_generate_shape_range_and_seed(adapter):
-    def sample(seed: int) -> torch.Tensor:
-        return adapter.generate(PROMPTS, n=2, temperature=1.0, generator=torch.Generator().manual_seed(seed))
-
-    codes = sample(0)
-    assert codes.shape == (2, 2, adapter.image_tokens) and codes.dtype == torch.long
-    assert codes.min() >= 0 and codes.max() < adapter.codebook_size
-    assert torch.equal(codes, sample(0))
-    assert not torch.equal(codes, sample(1))
 
 
 def test_greedy_guided_generate_matches_per_prompt_decoding(adapter):
@@ -150,53 +128,9 @@ def test_decode_and_encode_shapes(adapter, pixels, images):
     assert images.min() >= 0 and images.max() < adapter.codebook_size
 
 
-@pytest.mark.parametrize("name", ["gen", "und", "caption"])
-def test_measurement_gradients_on_shared_parameters_only(adapter, images, name):
-    shared = set(adapter.shared_parameter_names())
-    params = dict(adapter.model.named_parameters())
-    assert shared and all(params[n].requires_grad for n in shared)
-    assert all(not p.requires_grad for n, p in params.items() if n not in shared)
-    values = adapter.measurement(name)(adapter.model, {"prompts": PROMPTS, "images": images})
-    assert values.shape == (len(PROMPTS),) and torch.isfinite(values).all()
-    grads = torch.autograd.grad(values.sum(), [params[n] for n in sorted(shared)])
-    for n, g in zip(sorted(shared), grads, strict=True):
-        assert torch.isfinite(g).all() and g.abs().sum() > 0, n
-
-
-@pytest.mark.parametrize("name", ["gen", "und", "caption"])
-def test_projector_accepts_measurements(adapter, images, name):
-    """With k above every axis size the Kronecker features are the exact per-sample gradients on
-    the shared parameters: their Gram matrix must equal the one from per-sample autograd."""
-    shared = adapter.shared_parameter_names()
-    projector = GradientProjector(
-        adapter.model, ProjectionConfig(kind="kronecker", k=1024, include=tuple(shared))
-    )
-    assert set(projector.tracked_parameters()) == set(shared)
-    fn, batch = adapter.measurement(name), {"prompts": PROMPTS, "images": images}
-    features = projector.per_sample(fn, batch)
-    params = list(projector.tracked_parameters().values())
-    assert features.shape == (len(PROMPTS), sum(p.numel() for p in params))
-    assert torch.isfinite(features).all()
-    grads = torch.stack(
-        [
-            torch.cat([g.flatten() for g in torch.autograd.grad(fn(adapter.model, batch)[b], params)])
-            for b in range(len(PROMPTS))
-        ]
-    )
-    torch.testing.assert_close(features @ features.T, grads @ grads.T, rtol=1e-4, atol=1e-4)
-
-
-def test_end_to_end_offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from ntkdyn.models import load_adapter
-
-    adapter = load_adapter("emu3-tiny", seed=3)
-    codes = adapter.generate(PROMPTS, n=2, generator=torch.Generator().manual_seed(0))
-    flat = codes.flatten(0, 1)
-    pixels = adapter.decode(flat)
-    assert pixels.shape == (4, adapter.image_size, adapter.image_size, 3)
-    verdict = adapter.judge(adapter.encode(pixels), [p for p in PROMPTS for _ in range(2)])
-    assert verdict.p_yes.shape == (4,) and ((verdict.p_yes > 0) & (verdict.p_yes < 1)).all()
+class TestEmu3Contract(AdapterContract):
+    load_name = "emu3-tiny"
+    judge_encoded_pixels = True
 
 
 def test_bad_inputs_get_clear_errors(adapter, images):

@@ -8,14 +8,17 @@ import copy
 
 import pytest
 import torch
+from helpers import (
+    PROMPTS,
+    TOL,
+    AdapterContract,
+    processor_logits,
+    random_codes,
+)
 from torch import nn
 from transformers import DynamicCache
 
-from ntkdyn import GradientProjector, ProjectionConfig
 from ntkdyn.models.janus import JanusAdapter
-
-PROMPTS = ["two blue squares left of a yellow star", "one cross"]  # a padded batch: 2 lengths
-TOL = dict(rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -25,26 +28,12 @@ def adapter() -> JanusAdapter:
 
 @pytest.fixture(scope="module")
 def images(adapter) -> torch.Tensor:
-    return torch.randint(
-        0,
-        adapter.codebook_size,
-        (len(PROMPTS), adapter.image_tokens),
-        generator=torch.Generator().manual_seed(1),
-    )
+    return random_codes(adapter)
 
 
 @pytest.fixture(scope="module")
 def pixels(adapter, images) -> torch.Tensor:
     return adapter.decode(images)
-
-
-def understanding_logits(
-    adapter: JanusAdapter, pixels: torch.Tensor, text: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unpadded forward of one sample laid out by JanusProcessor: (input_ids [T], logits [T, V])."""
-    inputs = adapter.processor(text=[text], images=[pixels.numpy()], return_tensors="pt")
-    with torch.no_grad():
-        return inputs["input_ids"][0], adapter.model(**inputs).logits[0]
 
 
 def test_gen_logprob_matches_incremental_decoding(adapter, images):
@@ -72,7 +61,7 @@ def test_judge_log_odds_match_unpadded_forward(adapter, images, pixels):
     no = adapter.tokenizer.encode(" no", add_special_tokens=False)[0]
     for b, prompt in enumerate(PROMPTS):
         text = f"<|User|>: <image_placeholder>\nDoes this image describe {prompt}?\n\n<|Assistant|>:"
-        _, logits = understanding_logits(adapter, pixels[b], text)
+        _, logits = processor_logits(adapter, pixels[b], text)
         expected = logits[-1, yes] - logits[-1, no]
         torch.testing.assert_close(got.log_odds[b].detach(), expected, **TOL)
         torch.testing.assert_close(got.p_yes[b].detach(), torch.softmax(logits[-1, [yes, no]], -1)[0], **TOL)
@@ -82,21 +71,10 @@ def test_caption_logprob_matches_token_by_token(adapter, images, pixels):
     got = adapter.caption_logprob(images, PROMPTS)
     for b, prompt in enumerate(PROMPTS):
         text = f"<|User|>: <image_placeholder>\nDescribe the image.\n\n<|Assistant|>: {prompt}"
-        ids, logits = understanding_logits(adapter, pixels[b], text)
+        ids, logits = processor_logits(adapter, pixels[b], text)
         n = len(adapter.tokenizer.encode(" " + prompt, add_special_tokens=False))
         expected = sum(torch.log_softmax(logits[t - 1], -1)[ids[t]] for t in range(len(ids) - n, len(ids)))
         torch.testing.assert_close(got[b].detach(), expected, **TOL)
-
-
-def test_generate_shape_range_and_seed(adapter):
-    def sample(seed: int) -> torch.Tensor:
-        return adapter.generate(PROMPTS, n=2, temperature=1.0, generator=torch.Generator().manual_seed(seed))
-
-    codes = sample(0)
-    assert codes.shape == (2, 2, adapter.image_tokens) and codes.dtype == torch.long
-    assert codes.min() >= 0 and codes.max() < adapter.codebook_size
-    assert torch.equal(codes, sample(0))
-    assert not torch.equal(codes, sample(1))
 
 
 def test_greedy_guided_generate_matches_transformers(adapter):
@@ -130,53 +108,9 @@ def test_decode_and_encode(adapter, images, pixels):
     assert torch.equal(codes, cos.argmax(-1))
 
 
-@pytest.mark.parametrize("name", ["gen", "und", "caption"])
-def test_measurement_gradients_on_shared_parameters_only(adapter, images, name):
-    shared = set(adapter.shared_parameter_names())
-    params = dict(adapter.model.named_parameters())
-    assert shared and all(params[n].requires_grad for n in shared)
-    assert all(not p.requires_grad for n, p in params.items() if n not in shared)
-    values = adapter.measurement(name)(adapter.model, {"prompts": PROMPTS, "images": images})
-    assert values.shape == (len(PROMPTS),) and torch.isfinite(values).all()
-    grads = torch.autograd.grad(values.sum(), [params[n] for n in sorted(shared)])
-    for n, g in zip(sorted(shared), grads, strict=True):
-        assert torch.isfinite(g).all() and g.abs().sum() > 0, n
-
-
-@pytest.mark.parametrize("name", ["gen", "und", "caption"])
-def test_projector_accepts_measurements(adapter, images, name):
-    """With k above every axis size the Kronecker features are the exact per-sample gradients on
-    the shared parameters: their Gram matrix must equal the one from per-sample autograd."""
-    shared = adapter.shared_parameter_names()
-    projector = GradientProjector(
-        adapter.model, ProjectionConfig(kind="kronecker", k=1024, include=tuple(shared))
-    )
-    assert set(projector.tracked_parameters()) == set(shared)
-    fn, batch = adapter.measurement(name), {"prompts": PROMPTS, "images": images}
-    features = projector.per_sample(fn, batch)
-    params = list(projector.tracked_parameters().values())
-    assert features.shape == (len(PROMPTS), sum(p.numel() for p in params))
-    assert torch.isfinite(features).all()
-    grads = torch.stack(
-        [
-            torch.cat([g.flatten() for g in torch.autograd.grad(fn(adapter.model, batch)[b], params)])
-            for b in range(len(PROMPTS))
-        ]
-    )
-    torch.testing.assert_close(features @ features.T, grads @ grads.T, rtol=1e-4, atol=1e-4)
-
-
-def test_end_to_end_offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from ntkdyn.models import load_adapter
-
-    adapter = load_adapter("janus-tiny", seed=3)
-    codes = adapter.generate(PROMPTS, n=2, generator=torch.Generator().manual_seed(0))
-    flat = codes.flatten(0, 1)
-    pixels = adapter.decode(flat)
-    assert pixels.shape == (4, adapter.image_size, adapter.image_size, 3)
-    verdict = adapter.judge(flat, [p for p in PROMPTS for _ in range(2)])
-    assert verdict.p_yes.shape == (4,) and ((verdict.p_yes > 0) & (verdict.p_yes < 1)).all()
+class TestJanusContract(AdapterContract):
+    load_name = "janus-tiny"
+    judge_encoded_pixels = False
 
 
 def test_bad_inputs_get_clear_errors(adapter, images):

@@ -3,7 +3,8 @@ unbiasedness of the default projection on a small LlamaForCausalLM."""
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
+from transformers import LlamaForCausalLM
 
 from ntkdyn import ProjectionConfig, empirical_ntk, exact_ntk
 
@@ -11,19 +12,7 @@ from ntkdyn import ProjectionConfig, empirical_ntk, exact_ntk
 @pytest.fixture(scope="module")
 def llama():
     """2 layers, hidden 128 > k = 64, so that the default config really projects every matrix."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        attn_implementation="eager",
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(128, 128, 256, num_hidden_layers=2, max_position_embeddings=64)
 
 
 def make_batch(B, T, seed, vocab=128):

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 import torch
+from helpers import tiny_llama as llama
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from ntkdyn import GradientProjector, ProjectionConfig
 from ntkdyn.analysis.ntk import feature_kernel
@@ -15,19 +16,7 @@ from ntkdyn.analysis.ntk import feature_kernel
 
 # ---------------------------------------------------------------- models and measurements
 def tiny_llama(tied=True, seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=40,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=tied,
-        attn_implementation="eager",
-    )
-    return LlamaForCausalLM(config).double().eval()
+    return llama(40, 32, 48, num_hidden_layers=1, max_position_embeddings=32, tied=tied, seed=seed).double()
 
 
 def tiny_gpt2(seed=0):

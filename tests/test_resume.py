@@ -7,19 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import assert_same_values
 
 from ntkdyn.track import main
 from ntkdyn.trainer.checkpoint import read_jsonl
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the CLI sets one); restore the count afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ARGS = (
@@ -49,21 +42,10 @@ track.main(sys.argv[2:])
 """
 
 
-def _same_values(x, y):
-    assert x.keys() == y.keys()
-    for k in x:
-        if isinstance(x[k], float):
-            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
-        elif isinstance(x[k], dict):
-            _same_values(x[k], y[k])
-        else:
-            assert x[k] == y[k], k
-
-
 def _same_rows(a, b):
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b, strict=True):
-        _same_values(x, y)
+        assert_same_values(x, y)
 
 
 def test_kill9_then_resume_matches_an_uninterrupted_run(tmp_path):
@@ -97,4 +79,4 @@ def test_kill9_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert [r["step"] for r in read_jsonl(killed / "eval.jsonl")] == [0, 5, 8]
     assert [r["round"] for r in read_jsonl(killed / "data.jsonl")] == [0, 1]
     assert resumed["steps"] == reference["steps"] == 8
-    _same_values(resumed["after"], reference["after"])
+    assert_same_values(resumed["after"], reference["after"])

@@ -10,6 +10,7 @@ per-sample loop of torch.autograd.grad over one forward (the full Jacobian rows,
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -45,12 +46,23 @@ def empirical_ntk(
 ) -> torch.Tensor:
     """Projected eNTK [B_a, B_b] (fn_b/batch_b default to fn_a/batch_a). Unbiased for projected kinds;
     equal to :func:`exact_ntk` up to float32 rounding for kind="exact"."""
-    projector = GradientProjector(model, config)
-    features_a = projector.per_sample(fn_a, batch_a)
+    return _pair_kernel(GradientProjector(model, config).per_sample, fn_a, batch_a, fn_b, batch_b)
+
+
+def _pair_kernel(
+    rows: Callable[[MeasurementFn, Any], torch.Tensor],
+    fn_a: MeasurementFn,
+    batch_a: Any,
+    fn_b: MeasurementFn | None,
+    batch_b: Any,
+) -> torch.Tensor:
+    """R_a R_b^T [B_a, B_b] with R = rows(fn, batch) [B, D]; fn_b/batch_b default to fn_a/batch_a,
+    and R_a is reused when both are omitted."""
+    rows_a = rows(fn_a, batch_a)
     if fn_b is None and batch_b is None:
-        return feature_kernel(features_a, features_a)
-    features_b = projector.per_sample(fn_a if fn_b is None else fn_b, batch_a if batch_b is None else batch_b)
-    return feature_kernel(features_a, features_b)
+        return feature_kernel(rows_a, rows_a)
+    rows_b = rows(fn_a if fn_b is None else fn_b, batch_a if batch_b is None else batch_b)
+    return feature_kernel(rows_a, rows_b)
 
 
 def _jacobian(model: nn.Module, params: list[nn.Parameter], fn: MeasurementFn, batch: Any) -> torch.Tensor:
@@ -85,8 +97,4 @@ def exact_ntk(
     ignored): J_a J_b^T with Jacobian rows from an explicit per-sample autograd loop, in the
     model's dtype (use a float64 model for a float64 reference)."""
     params = list(select_parameters(model, ProjectionConfig() if config is None else config).values())
-    jac_a = _jacobian(model, params, fn_a, batch_a)
-    if fn_b is None and batch_b is None:
-        return jac_a @ jac_a.T
-    jac_b = _jacobian(model, params, fn_a if fn_b is None else fn_b, batch_a if batch_b is None else batch_b)
-    return jac_a @ jac_b.T
+    return _pair_kernel(partial(_jacobian, model, params), fn_a, batch_a, fn_b, batch_b)

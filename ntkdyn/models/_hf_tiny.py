@@ -65,6 +65,15 @@ def train_byte_bpe(
     )
 
 
+def seeded_model(model_class, config, seed: int) -> torch.nn.Module:
+    """model_class(config) with eager attention and weights drawn under torch.manual_seed(seed),
+    leaving the global RNG state as it was."""
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return model_class(config)
+
+
 def left_pad(
     sequences: Sequence[Sequence[int]], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

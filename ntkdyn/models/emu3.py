@@ -29,17 +29,14 @@ from transformers import (
     Emu3VQVAEConfig,
 )
 
+from ntkdyn.models._hf_common import HFUnifiedAdapter
 from ntkdyn.models._hf_tiny import (
     check_images,
-    check_prompts,
     left_pad,
     pixels_to_numpy_list,
-    single_token,
-    suffix_logprob,
+    seeded_model,
     train_byte_bpe,
-    unnormalize_to_uint8,
 )
-from ntkdyn.models.base import Judgement, UnifiedAdapter
 
 SYSTEM = "You are a helpful assistant. USER: "
 ASSISTANT = " ASSISTANT:"
@@ -56,7 +53,7 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-class Emu3Adapter(UnifiedAdapter):
+class Emu3Adapter(HFUnifiedAdapter):
     """Emu3ForConditionalGeneration seen through generation and understanding.
 
     image_size: pixels per side of the images (a multiple of the VQ's spatial factor, 8 in
@@ -74,22 +71,13 @@ class Emu3Adapter(UnifiedAdapter):
         caption_question: str = "Describe the image.",
         answers: tuple[str, str] = (" yes", " no"),
     ):
-        if guidance_scale < 1.0:
-            raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
-        if "{prompt}" not in question:
-            raise ValueError(f"question must contain '{{prompt}}', got {question!r}")
+        super().__init__(model, processor, guidance_scale, question, caption_question)
         factor = model.model.vqmodel.vision_spatial_factor
         if image_size <= 0 or image_size % factor:
             raise ValueError(
                 f"image_size must be a positive multiple of the VQ factor {factor}, got {image_size}"
             )
-        self.model = model
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
         self.image_size = image_size
-        self.guidance_scale = guidance_scale
-        self.question = question
-        self.caption_question = caption_question
         self.grid = image_size // factor
         self.image_tokens = self.grid * self.grid
         self.codebook_size = model.config.vq_config.codebook_size
@@ -101,17 +89,11 @@ class Emu3Adapter(UnifiedAdapter):
         self.code_to_token = torch.tensor([img2bpe[c] for c in range(self.codebook_size)], dtype=torch.long)
         self.eol_id = mapping.eol_token_id
         tok = self.tokenizer
-        self.bos_id = tok.bos_token_id
-        self.pad_id = tok.pad_token_id
         self.boi_id = tok.convert_tokens_to_ids(processor.image_start_token)
         self.eoi_id = tok.convert_tokens_to_ids(processor.image_end_token)
         self.wrapper_id = tok.convert_tokens_to_ids(processor.fake_token_around_image)
         self.eof_id = tok.convert_tokens_to_ids(processor.eof_token)
-        self.yes_id = single_token(tok, answers[0])
-        self.no_id = single_token(tok, answers[1])
-        shared = set(self.shared_parameter_names())
-        for name, param in model.named_parameters():
-            param.requires_grad_(name in shared)
+        self._finish(answers)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -171,10 +153,7 @@ class Emu3Adapter(UnifiedAdapter):
             ),
             vocabulary_map=tokenizer.get_vocab(),
         )
-        config._attn_implementation = "eager"
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = Emu3ForConditionalGeneration(config)
+        model = seeded_model(Emu3ForConditionalGeneration, config, seed)
         image_processor = Emu3ImageProcessor(
             image_mean=[0.5] * 3,
             image_std=[0.5] * 3,
@@ -185,9 +164,6 @@ class Emu3Adapter(UnifiedAdapter):
         return cls(model.eval(), processor, image_size=image_size, **kwargs)
 
     # ----------------------------------------------------------------- token layouts
-    def _text(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
     def _image_header(self) -> list[int]:
         return [self.boi_id, *self._text(f"{self.grid}*{self.grid}"), self.wrapper_id]
 
@@ -222,9 +198,7 @@ class Emu3Adapter(UnifiedAdapter):
         is drawn from softmax(l / temperature); eol is fed after every row. KV cache over
         the left-padded batch. generator must live on the model's device.
         """
-        check_prompts(prompts)
-        if n < 1 or temperature <= 0:
-            raise ValueError(f"need n >= 1 and temperature > 0, got n={n}, temperature={temperature}")
+        self._check_sampling(prompts, n, temperature)
         rows = [self._generation_prefix(p) for p in prompts for _ in range(n)]
         guided = self.guidance_scale != 1.0
         if guided:
@@ -247,11 +221,7 @@ class Emu3Adapter(UnifiedAdapter):
                 .logits[:, -1, code_to_token]
                 .float()
             )
-            if guided:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + self.guidance_scale * (cond - uncond)
-            probs = torch.softmax(logits / temperature, dim=-1)
-            codes[:, step] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            codes[:, step] = self._sample_code(logits, guided, temperature, generator)
             ids = code_to_token[codes[:, step : step + 1]]
             if (step + 1) % self.grid == 0:  # row complete: its end-of-line token follows
                 ids = torch.cat([ids, torch.full_like(ids, self.eol_id)], dim=1)
@@ -263,8 +233,7 @@ class Emu3Adapter(UnifiedAdapter):
     def gen_logprob(self, prompts: Sequence[str], images: torch.Tensor) -> torch.Tensor:
         """log pi(x|y) = sum over the h*w codes of log softmax(lm_head)[visual token of x_i],
         teacher-forced with the eol tokens in place, no guidance: [B]."""
-        check_images(images, self.image_tokens, self.codebook_size)
-        check_prompts(prompts, images.shape[0])
+        self._check_batch(images, prompts)
         rows = self._image_rows(images)  # [B, h*(w+1)]
         sequences = [[*self._generation_prefix(p), *r.tolist()] for p, r in zip(prompts, rows, strict=True)]
         # the last eol is a target only, never an input
@@ -296,24 +265,6 @@ class Emu3Adapter(UnifiedAdapter):
         )
         return out.logits
 
-    def judge(self, images: torch.Tensor, prompts: Sequence[str]) -> Judgement:
-        """log-odds = logit(yes) - logit(no) at the answer position of "Does this image describe y?"."""
-        check_images(images, self.image_tokens, self.codebook_size)
-        check_prompts(prompts, images.shape[0])
-        questions = [self.question.format(prompt=p) for p in prompts]
-        logits = self._understanding_logits(images, questions, [()] * len(prompts), keep=1)[:, -1].float()
-        log_odds = logits[:, self.yes_id] - logits[:, self.no_id]
-        return Judgement(p_yes=torch.sigmoid(log_odds), log_odds=log_odds)
-
-    def caption_logprob(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        """log pi(y|x): the prompt's tokens (" {prompt}") answering caption_question about the image: [B]."""
-        check_images(images, self.image_tokens, self.codebook_size)
-        check_prompts(prompts, images.shape[0])
-        captions = [self._text(" " + p) for p in prompts]
-        keep = max(len(c) for c in captions) + 1
-        logits = self._understanding_logits(images, [self.caption_question] * len(prompts), captions, keep)
-        return suffix_logprob(logits, captions)
-
     # ----------------------------------------------------------------- pixels
     @torch.no_grad()
     def decode(self, images: torch.Tensor) -> torch.Tensor:
@@ -322,8 +273,7 @@ class Emu3Adapter(UnifiedAdapter):
         vq = self.model.model.vqmodel
         with _eval_mode(vq):
             decoded = vq.decode(images.view(-1, self.grid, self.grid))  # [B, 3, H, W], normalised range
-        ip = self.processor.image_processor
-        return unnormalize_to_uint8(decoded, ip.image_mean, ip.image_std)
+        return self._to_uint8(decoded)
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -30,23 +30,20 @@ from transformers import (
     LlamaConfig,
 )
 
+from ntkdyn.models._hf_common import HFUnifiedAdapter
 from ntkdyn.models._hf_tiny import (
     check_images,
-    check_prompts,
     left_pad,
     pixels_to_numpy_list,
-    single_token,
-    suffix_logprob,
+    seeded_model,
     train_byte_bpe,
-    unnormalize_to_uint8,
 )
-from ntkdyn.models.base import Judgement, UnifiedAdapter
 
 USER = "<|User|>: "
 ASSISTANT = "\n\n<|Assistant|>:"
 
 
-class JanusAdapter(UnifiedAdapter):
+class JanusAdapter(HFUnifiedAdapter):
     """JanusForConditionalGeneration seen through generation and understanding.
 
     Parameters outside :meth:`shared_parameter_names` (vision tower, aligners, VQ model,
@@ -63,16 +60,7 @@ class JanusAdapter(UnifiedAdapter):
         caption_question: str = "Describe the image.",
         answers: tuple[str, str] = (" yes", " no"),
     ):
-        if guidance_scale < 1.0:
-            raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
-        if "{prompt}" not in question:
-            raise ValueError(f"question must contain '{{prompt}}', got {question!r}")
-        self.model = model
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.guidance_scale = guidance_scale
-        self.question = question
-        self.caption_question = caption_question
+        super().__init__(model, processor, guidance_scale, question, caption_question)
         config = model.config
         grid = config.vq_config.num_patches
         self.image_tokens = grid * grid
@@ -84,16 +72,10 @@ class JanusAdapter(UnifiedAdapter):
         self.codebook_size = config.vq_config.num_embeddings
         self.image_size = grid * 2 ** (len(config.vq_config.channel_multiplier) - 1)  # VQ decoder's pixels
         self.vision_tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
-        self.bos_id = self.tokenizer.bos_token_id
-        self.pad_id = self.tokenizer.pad_token_id
         self.boi_id = self.tokenizer.convert_tokens_to_ids(self.tokenizer.boi_token)
         self.eoi_id = self.tokenizer.convert_tokens_to_ids(self.tokenizer.eoi_token)
         self.image_token_id = config.image_token_id
-        self.yes_id = single_token(self.tokenizer, answers[0])
-        self.no_id = single_token(self.tokenizer, answers[1])
-        shared = set(self.shared_parameter_names())
-        for name, param in model.named_parameters():
-            param.requires_grad_(name in shared)
+        self._finish(answers)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -169,10 +151,7 @@ class JanusAdapter(UnifiedAdapter):
             ),
             image_token_id=tokenizer.image_token_id,
         )
-        config._attn_implementation = "eager"
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = JanusForConditionalGeneration(config)
+        model = seeded_model(JanusForConditionalGeneration, config, seed)
         image_processor = JanusImageProcessorPil(
             size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
         )
@@ -184,9 +163,6 @@ class JanusAdapter(UnifiedAdapter):
         return cls(model.eval(), processor, **kwargs)
 
     # ----------------------------------------------------------------- token layouts
-    def _text(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
     def _generation_prefix(self, prompt: str) -> list[int]:
         """[bos] "<|User|>: {prompt}\\n\\n<|Assistant|>:" [begin_of_image]."""
         return [self.bos_id, *self._text(USER + prompt + ASSISTANT), self.boi_id]
@@ -214,9 +190,7 @@ class JanusAdapter(UnifiedAdapter):
         guidance_scale; l_c, l_u = generation_head logits of the prompted and unconditional
         rows), with a KV cache over the left-padded batch; generator lives on the model's device.
         """
-        check_prompts(prompts)
-        if n < 1 or temperature <= 0:
-            raise ValueError(f"need n >= 1 and temperature > 0, got n={n}, temperature={temperature}")
+        self._check_sampling(prompts, n, temperature)
         core = self._core()
         rows = [self._generation_prefix(p) for p in prompts for _ in range(n)]
         guided = self.guidance_scale != 1.0
@@ -232,11 +206,7 @@ class JanusAdapter(UnifiedAdapter):
                 inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
             ).last_hidden_state[:, -1]
             logits = core.generation_head(hidden).float()
-            if guided:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + self.guidance_scale * (cond - uncond)
-            probs = torch.softmax(logits / temperature, dim=-1)
-            codes[:, step] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            codes[:, step] = self._sample_code(logits, guided, temperature, generator)
             feed = codes[:, step : step + 1].repeat(2 if guided else 1, 1)
             embeds = self.model.prepare_embeddings_for_image_generation(feed)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
@@ -245,8 +215,7 @@ class JanusAdapter(UnifiedAdapter):
 
     def gen_logprob(self, prompts: Sequence[str], images: torch.Tensor) -> torch.Tensor:
         """log pi(x|y) = sum_i log softmax(generation_head(h_i))[x_i], teacher-forced, no guidance: [B]."""
-        check_images(images, self.image_tokens, self.codebook_size)
-        check_prompts(prompts, images.shape[0])
+        self._check_batch(images, prompts)
         core = self._core()
         device = images.device
         prefixes = [self._generation_prefix(p) for p in prompts]
@@ -283,24 +252,6 @@ class JanusAdapter(UnifiedAdapter):
         )
         return out.logits
 
-    def judge(self, images: torch.Tensor, prompts: Sequence[str]) -> Judgement:
-        """log-odds = logit(yes) - logit(no) at the answer position of "Does this image describe y?"."""
-        check_images(images, self.image_tokens, self.codebook_size)
-        check_prompts(prompts, images.shape[0])
-        questions = [self.question.format(prompt=p) for p in prompts]
-        logits = self._understanding_logits(images, questions, [()] * len(prompts), keep=1)[:, -1].float()
-        log_odds = logits[:, self.yes_id] - logits[:, self.no_id]
-        return Judgement(p_yes=torch.sigmoid(log_odds), log_odds=log_odds)
-
-    def caption_logprob(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        """log pi(y|x): the prompt's tokens (" {prompt}") answering caption_question about the image: [B]."""
-        check_images(images, self.image_tokens, self.codebook_size)
-        check_prompts(prompts, images.shape[0])
-        captions = [self._text(" " + p) for p in prompts]
-        keep = max(len(c) for c in captions) + 1
-        logits = self._understanding_logits(images, [self.caption_question] * len(prompts), captions, keep)
-        return suffix_logprob(logits, captions)
-
     # ----------------------------------------------------------------- pixels
     def _pixel_values(self, pixels: torch.Tensor) -> torch.Tensor:
         """The vision tower's input: the image processor applied to uint8 [B, H, W, 3]."""
@@ -311,9 +262,7 @@ class JanusAdapter(UnifiedAdapter):
     def decode(self, images: torch.Tensor) -> torch.Tensor:
         """VQ decoder: codes [B, L] -> uint8 pixels [B, image_size, image_size, 3]."""
         check_images(images, self.image_tokens, self.codebook_size)
-        decoded = self._core().vqmodel.decode(images)  # [B, 3, H, W], in the processor's normalised range
-        ip = self.processor.image_processor
-        return unnormalize_to_uint8(decoded, ip.image_mean, ip.image_std)
+        return self._to_uint8(self._core().vqmodel.decode(images))  # decode: [B, 3, H, W], normalised
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
