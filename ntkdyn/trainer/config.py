@@ -89,7 +89,7 @@ class TrainConfig:
         metadata=_help("trained parameters: the shared language model or all", choices=TRAINABLE),
     )
     checkpoint_every: int = field(default=50, metadata=_help("checkpoint every K optimizer steps"))
-    eval_every: int = field(default=0, metadata=_help("evaluate every K steps during training (0 = off)"))
+    eval_every: int = field(default=30, metadata=_help("evaluate every K steps during training (0 = off)"))
     seed: int = field(default=0, metadata=_help("seed of everything (data order, sampling, replay)"))
 
     def __post_init__(self) -> None:
