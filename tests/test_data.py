@@ -18,14 +18,7 @@ from ntkdyn.trainer.data import (
 from ntkdyn.trainer.distributed import Dist
 from ntkdyn.world import ShapesWorld
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the CLI sets one); restore the count afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_algorithm_1(p_yes, accepted, sft_threshold, dpo_margin):

@@ -18,14 +18,7 @@ from ntkdyn.trainer.distributed import Dist
 from ntkdyn.trainer.loop import co_improvement, learning_rate, stream_indices, train
 from ntkdyn.trainer.losses import make_loss_fn, objective_terms
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the CLI sets one); restore the count afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_learning_rate_warmup_then_cosine():

@@ -9,14 +9,7 @@ from ntkdyn.models.toy import ToyAdapter
 from ntkdyn.trainer.data import replay_batch, stratified_prompts
 from ntkdyn.trainer.losses import dpo_loss, make_loss_fn, objective_terms, replay_loss
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the CLI sets one); restore the count afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_dpo_loss_matches_the_formula_in_float64():
