@@ -105,6 +105,37 @@ def gap_metrics(records: Sequence[CandidateRecord], und_records: Sequence[Unders
     }
 
 
+def world_images(adapter: UnifiedAdapter, world: ShapesWorld, scenes: Sequence) -> torch.Tensor:
+    """World scenes as the adapter's image tokens: render, nearest-neighbour resize to
+    ``adapter.image_size`` (a real model's own resolution), encode: LongTensor[B, L]."""
+    pixels = torch.from_numpy(np.stack([world.render(scene) for scene in scenes]))
+    size = getattr(adapter, "image_size", world.image_size)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if size != world.image_size:
+        pixels = torch.nn.functional.interpolate(pixels.permute(0, 3, 1, 2), size=size, mode="nearest")
+        pixels = pixels.permute(0, 2, 3, 1).contiguous()
+    return adapter.encode(pixels)
+
+
+def oracle_of_images(
+    adapter: UnifiedAdapter, world: ShapesWorld, prompts: Sequence[Prompt], images: torch.Tensor
+) -> tuple[list[bool], list[bool]]:
+    """(oracle, parsed) of the adapter's images [B, L] for prompts[b]: the exact oracle on
+    world.parse(adapter.decode(images)); pixels that cannot be parsed give (False, False)."""
+    pixels = adapter.decode(images)
+    oracle, parsed = [], []
+    for prompt, image_pixels in zip(prompts, pixels, strict=True):
+        try:
+            scene = world.parse(image_pixels)
+        except ValueError:
+            oracle.append(False)
+            parsed.append(False)
+            continue
+        oracle.append(bool(world.oracle(prompt, scene)))
+        parsed.append(True)
+    return oracle, parsed
+
+
 @torch.no_grad()
 def evaluate(
     adapter: UnifiedAdapter,
@@ -142,20 +173,17 @@ def evaluate(
         flat = images.reshape(-1, images.shape[-1])
         flat_texts = [t for t in texts for _ in range(candidates)]
         p_yes = adapter.judge(flat, flat_texts).p_yes.float().cpu()
-        pixels = adapter.decode(flat)
-        for i, prompt in enumerate(p for p in chunk for _ in range(candidates)):
-            try:
-                scene, parsed = world.parse(pixels[i]), True
-            except ValueError:
-                scene, parsed = None, False
+        flat_prompts = [p for p in chunk for _ in range(candidates)]
+        oracle, parsed = oracle_of_images(adapter, world, flat_prompts, flat)
+        for i, prompt in enumerate(flat_prompts):
             records.append(
                 CandidateRecord(
                     prompt=prompt,
                     image=flat[i].cpu(),
                     p_yes=float(p_yes[i]),
                     verdict=bool(p_yes[i] > 0.5),
-                    oracle=parsed and world.oracle(prompt, scene),
-                    parsed=parsed,
+                    oracle=oracle[i],
+                    parsed=parsed[i],
                 )
             )
     probes: list[tuple[Prompt, str, torch.Tensor]] = []
@@ -167,13 +195,8 @@ def evaluate(
     und_records: list[UnderstandingRecord] = []
     for start in range(0, len(probes), batch_size):
         chunk = probes[start : start + batch_size]
-        pixels = torch.from_numpy(np.stack([world.render(scene) for _, _, scene in chunk]))
-        size = getattr(adapter, "image_size", world.image_size)
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        if size != world.image_size:  # a real model's own resolution: nearest-neighbour resize
-            pixels = torch.nn.functional.interpolate(pixels.permute(0, 3, 1, 2), size=size, mode="nearest")
-            pixels = pixels.permute(0, 2, 3, 1).contiguous()
-        judged = adapter.judge(adapter.encode(pixels), [p.text for p, _, _ in chunk]).p_yes.float().cpu()
+        images = world_images(adapter, world, [scene for _, _, scene in chunk])
+        judged = adapter.judge(images, [p.text for p, _, _ in chunk]).p_yes.float().cpu()
         und_records.extend(
             UnderstandingRecord(p, kind, float(q)) for (p, kind, _), q in zip(chunk, judged, strict=True)
         )

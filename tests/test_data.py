@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from ntkdyn.models.toy import ToyAdapter
 from ntkdyn.trainer.data import (
     Candidates,
     accepted_mask,
@@ -87,6 +88,9 @@ class HandBuiltAdapter:
     def gen_logprob(self, prompts, images):
         return -images.float().sum(1)
 
+    def decode(self, images):
+        return torch.from_numpy(np.stack([self.world.render(image) for image in images]))
+
 
 def test_collect_and_build_on_a_hand_built_judge(tmp_path):
     world = ShapesWorld(seed=0)
@@ -152,16 +156,17 @@ def test_accepted_mask_of_each_judge():
 
 
 def test_replay_batch_labels_are_the_oracle_and_balanced():
-    world = ShapesWorld(seed=0)
+    adapter = ToyAdapter.tiny(seed=0)
+    world = adapter.world
     prompts = stratified_prompts(world, "train", 30, seed=0)
-    batch = replay_batch(world, prompts, 16, seed=0, step=3)
+    batch = replay_batch(adapter, world, prompts, 16, seed=0, step=3)
     by_text = {p.text: p for p in prompts}
     for image, text, label in zip(
         batch["replay_images"], batch["replay_prompts"], batch["replay_labels"], strict=True
     ):
         assert bool(label) == world.oracle(by_text[text], image)
     assert batch["replay_labels"].tolist() == [True, False] * 8
-    again = replay_batch(world, prompts, 16, seed=0, step=3)
+    again = replay_batch(adapter, world, prompts, 16, seed=0, step=3)
     assert torch.equal(again["replay_images"], batch["replay_images"])
 
 

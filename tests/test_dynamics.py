@@ -105,7 +105,11 @@ def toy_probes(adapter: ToyAdapter, per_category: int = 2):
                     "oracle": bool(world.oracle(world.parse_prompt(prompt), image)),
                 }
             )
-    return records, select_probes(records, per_category, seed=0, world=world)
+
+    def oracle(text, image):
+        return world.oracle(world.parse_prompt(text), image)
+
+    return records, select_probes(records, per_category, seed=0, oracle=oracle)
 
 
 def train_batch(adapter: ToyAdapter, step: int) -> dict:

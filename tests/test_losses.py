@@ -39,7 +39,7 @@ def _batch(adapter, size):
     prompts = stratified_prompts(world, "train", size, seed=0)
     images = adapter.generate([p.text for p in prompts], 2, generator=torch.Generator().manual_seed(1))
     batch = {"prompts": [p.text for p in prompts], "images": images[:, 0], "rejected": images[:, 1]}
-    batch.update(replay_batch(world, prompts, size, seed=0, step=1))
+    batch.update(replay_batch(adapter, world, prompts, size, seed=0, step=1))
     return batch
 
 

@@ -56,6 +56,7 @@ from ntkdyn.analysis.probes import (
     select_probes,
 )
 from ntkdyn.analysis.projector import GradientProjector, ProjectionConfig
+from ntkdyn.evaluate import oracle_of_images
 
 
 @dataclass
@@ -543,9 +544,11 @@ def build_tracker(
     if path.exists():
         probes = load_probes(path)
     else:
-        probes = select_probes(
-            pretrained_records, config.probes_per_category, seed=config.probe_seed, world=world
-        )
+
+        def oracle(text: str, image: torch.Tensor) -> bool:
+            return oracle_of_images(adapter, world, [world.parse_prompt(text)], image[None])[0][0]
+
+        probes = select_probes(pretrained_records, config.probes_per_category, config.probe_seed, oracle)
         if _dist_info()[0] == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_probes(probes, path)

@@ -114,14 +114,19 @@ def _category(record: Mapping) -> str:
     return "false_positive" if record["verdict"] else "misaligned"
 
 
-def select_probes(records: Sequence[Mapping], per_category: int, seed: int = 0, world=None) -> list[Probe]:
+def select_probes(
+    records: Sequence[Mapping],
+    per_category: int,
+    seed: int = 0,
+    oracle: Callable[[str, torch.Tensor], bool] | None = None,
+) -> list[Probe]:
     """Up to ``per_category`` probes of each category, drawn without replacement (seeded).
 
     records: the pre-trained model's judged generations, each with keys ``prompt`` (str),
     ``image`` (image tokens, list or LongTensor[L]), ``verdict`` (the model said yes) and
-    ``oracle`` (the image is aligned). ``world`` (a ShapesWorld, optional) gives the oracle of
-    the unrelated pairs; without it they count as misaligned (oracle False). A category with
-    no candidate records is left out.
+    ``oracle`` (the image is aligned). ``oracle(prompt, image LongTensor[L]) -> bool`` (optional)
+    gives the oracle of the unrelated pairs; without it they count as misaligned (oracle False).
+    A category with no candidate records is left out.
     """
     if per_category < 1:
         raise ValueError(f"per_category must be >= 1, got {per_category}")
@@ -144,12 +149,8 @@ def select_probes(records: Sequence[Mapping], per_category: int, seed: int = 0, 
             break
         prompt = records[int(rng.choice(others))]["prompt"]
         image = images[int(i)]
-        oracle = (
-            bool(world.oracle(world.parse_prompt(prompt), torch.tensor(image)))
-            if world is not None
-            else False
-        )
-        probes.append(Probe(prompt, image, "unrelated", oracle, None))
+        aligned_here = bool(oracle(prompt, torch.tensor(image))) if oracle is not None else False
+        probes.append(Probe(prompt, image, "unrelated", aligned_here, None))
     return probes
 
 

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from tqdm import tqdm
 
+from ntkdyn.evaluate import oracle_of_images, world_images
 from ntkdyn.models.base import UnifiedAdapter
 from ntkdyn.trainer.distributed import Dist
 from ntkdyn.world import Prompt, ShapesWorld
@@ -119,8 +120,8 @@ def collect_candidates(
         flat = images.reshape(len(texts) * n, -1)
         p_yes = adapter.judge(flat, [t for t in texts for _ in range(n)]).p_yes.float().reshape(len(texts), n)
         oracle = torch.tensor(
-            [[world.oracle(prompts[i], images[j, k]) for k in range(n)] for j, i in enumerate(chunks[c])]
-        )
+            oracle_of_images(adapter, world, [prompts[i] for i in chunks[c] for _ in range(n)], flat)[0]
+        ).reshape(len(texts), n)
         done[c] = (images.cpu(), p_yes.cpu(), oracle)
     merged = {}
     for part in dist.gather_objects(done):
@@ -297,11 +298,14 @@ def load_round(path: Path) -> tuple[TrainSet, torch.Tensor, dict]:
     )
 
 
-def replay_batch(world: ShapesWorld, prompts: Sequence[Prompt], size: int, seed: int, step: int) -> dict:
+def replay_batch(
+    adapter: UnifiedAdapter, world: ShapesWorld, prompts: Sequence[Prompt], size: int, seed: int, step: int
+) -> dict:
     """``size`` understanding pairs for replay at optimizer step ``step`` (deterministic in (seed, step)).
 
     Half true scenes (world.sample_image), half hard negatives (world.negatives, kind uniform), prompts
-    drawn uniformly from ``prompts``; labels from the exact oracle. Keys: replay_images LongTensor[size, L],
+    drawn uniformly from ``prompts``; labels from the exact oracle; scenes become the adapter's image
+    tokens through ``world_images``. Keys: replay_images LongTensor[size, L],
     replay_prompts list[str], replay_labels BoolTensor[size].
     """
     rng = np.random.default_rng([seed, 7, step])
@@ -316,7 +320,7 @@ def replay_batch(world: ShapesWorld, prompts: Sequence[Prompt], size: int, seed:
         texts.append(prompt.text)
         labels.append(world.oracle(prompt, image))
     return {
-        "replay_images": torch.stack(images),
+        "replay_images": world_images(adapter, world, images),
         "replay_prompts": texts,
         "replay_labels": torch.tensor(labels),
     }

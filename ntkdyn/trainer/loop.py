@@ -271,7 +271,7 @@ def train(
             index = stream_indices(len(train_set), tc.batch_size, k, tc.seed, r)
             batch = train_set.batch(index)
             if tc.replay_weight:
-                batch.update(replay_batch(world, prompts, tc.batch_size, tc.seed, step))
+                batch.update(replay_batch(adapter, world, prompts, tc.batch_size, tc.seed, step))
             share = tc.batch_size // dist.world_size
             local = slice_batch(batch, dist.rank * share, (dist.rank + 1) * share)
 
