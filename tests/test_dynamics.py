@@ -355,9 +355,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_ddp_gathers_training_features_and_rank0_writes(tmp_path):
     """Two gloo processes, each with half of the batch: the kernel form over the gathered training
     features equals the exact first order of the DDP update (SGD), and only rank 0 wrote."""
-    # fork: the children inherit the imports (spawn would re-import transformers in each)
+    # spawn, not fork: a child forked from a parent whose OpenMP pool is live can deadlock
     torch.multiprocessing.start_processes(
-        _ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "run")), nprocs=2, start_method="fork"
+        _ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "run")), nprocs=2, start_method="spawn"
     )
     rows = [r for r in read_jsonl(tmp_path / "run" / "dynamics.jsonl") if r["kind"] == "probe"]
     assert len(rows) == 4  # one writer
