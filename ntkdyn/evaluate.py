@@ -105,24 +105,31 @@ def gap_metrics(records: Sequence[CandidateRecord], und_records: Sequence[Unders
     }
 
 
+def resize_pixels(pixels: torch.Tensor, size: int | tuple[int, int], mode: str = "nearest") -> torch.Tensor:
+    """Resize uint8 pixels [B, H, W, 3] to [B, *size, 3] with torch interpolate ``mode`` (no-op at
+    that size). World scenes go to a model's size by "nearest" (exact at integer factors); a model's
+    images come back to the world's by "area", which keeps shapes parseable from as low as 32 px."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(pixels.shape[1:3]) == size:
+        return pixels
+    resized = torch.nn.functional.interpolate(pixels.permute(0, 3, 1, 2).float(), size=size, mode=mode)
+    return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
 def world_images(adapter: UnifiedAdapter, world: ShapesWorld, scenes: Sequence) -> torch.Tensor:
     """World scenes as the adapter's image tokens: render, nearest-neighbour resize to
     ``adapter.image_size`` (a real model's own resolution), encode: LongTensor[B, L]."""
     pixels = torch.from_numpy(np.stack([world.render(scene) for scene in scenes]))
-    size = getattr(adapter, "image_size", world.image_size)
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    if size != world.image_size:
-        pixels = torch.nn.functional.interpolate(pixels.permute(0, 3, 1, 2), size=size, mode="nearest")
-        pixels = pixels.permute(0, 2, 3, 1).contiguous()
-    return adapter.encode(pixels)
+    return adapter.encode(resize_pixels(pixels, getattr(adapter, "image_size", world.image_size)))
 
 
 def oracle_of_images(
     adapter: UnifiedAdapter, world: ShapesWorld, prompts: Sequence[Prompt], images: torch.Tensor
 ) -> tuple[list[bool], list[bool]]:
     """(oracle, parsed) of the adapter's images [B, L] for prompts[b]: the exact oracle on
-    world.parse(adapter.decode(images)); pixels that cannot be parsed give (False, False)."""
-    pixels = adapter.decode(images)
+    world.parse of adapter.decode(images) resized ("area") to the world's image size;
+    pixels that cannot be parsed give (False, False)."""
+    pixels = resize_pixels(adapter.decode(images), world.image_size, mode="area")
     oracle, parsed = [], []
     for prompt, image_pixels in zip(prompts, pixels, strict=True):
         try:
@@ -151,7 +158,7 @@ def evaluate(
     with the oracle, and score understanding on ``und_pairs`` true scenes per prompt, each with one
     hard negative of every applicable kind. True scenes are rendered by the world and, when the
     adapter declares another ``image_size`` (H, W) or side, resized to it (nearest neighbour) before
-    ``adapter.encode``; generations are decoded and parsed at the world's exact size.
+    ``adapter.encode``; generations are decoded, resized back to the world's size and parsed.
 
     metrics: see :func:`gap_metrics`; per_category holds the same keys per category. Overall
     ``non_unification`` and ``gen_alignment`` are the unweighted means over categories (as in the

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from ntkdyn.evaluate import METRIC_KEYS, evaluate, main, read_prompts
+from ntkdyn.evaluate import (
+    METRIC_KEYS,
+    evaluate,
+    main,
+    oracle_of_images,
+    read_prompts,
+    resize_pixels,
+    world_images,
+)
 from ntkdyn.models.base import Judgement
 from ntkdyn.models.toy import ToyAdapter
 
@@ -131,3 +139,33 @@ def test_cli_errors(tmp_path, capsys):
     empty.write_text("")
     assert main(["--model", "toy-tiny", "--prompts", str(empty)]) == 2
     assert "holds no prompts" in capsys.readouterr().err
+
+
+class _ToyAt96px(ToyAdapter):
+    """The tiny toy with a 'real model' resolution: decodes to 96 px, encodes 96 px."""
+
+    image_size = 96
+
+    def decode(self, images):
+        return resize_pixels(super().decode(images), 96)
+
+    def encode(self, pixels):
+        if pixels.shape[1:3] != (96, 96):
+            raise ValueError("expects 96 px")
+        return super().encode(resize_pixels(pixels, 48, mode="area"))
+
+
+def test_images_of_another_resolution_round_trip_through_the_oracle(toy):
+    """world_images resizes scenes to the adapter's size and oracle_of_images brings its images back:
+    the oracle on the pixels equals the oracle on the scenes."""
+    wide = _ToyAt96px(toy.model, toy.world, toy.config)
+    rng = np.random.default_rng(0)
+    prompts = [p for c in toy.world.categories for p in toy.world.prompts("eval", c)[:3]]
+    scenes = [toy.world.sample_image(p, rng) for p in prompts]
+    asked = [p if i % 2 else prompts[i - 1] for i, p in enumerate(prompts)]  # every other one false
+    tokens = world_images(wide, toy.world, scenes)
+    assert torch.equal(tokens, torch.stack(scenes))
+    oracle, parsed = oracle_of_images(wide, toy.world, asked, tokens)
+    assert all(parsed)
+    assert oracle == [toy.world.oracle(p, s) for p, s in zip(asked, scenes, strict=True)]
+    assert any(oracle) and not all(oracle)

@@ -7,6 +7,7 @@ from transformers import LlamaForCausalLM
 
 from ntkdyn.models import load_adapter
 from ntkdyn.models.toy import ToyAdapter
+from ntkdyn.world import ShapesWorld
 from ntkdyn.world.shapes import COLORS, SHAPES
 
 
@@ -147,7 +148,9 @@ def test_pretraining_is_deterministic_and_cached(tmp_path, monkeypatch):
         num_layers=1,
         num_heads=2,
         intermediate_size=64,
-        steps=3,
+        steps=4,
+        relation_warmup=2,
+        relation_aligned=1,
         gen_batch=2,
         und_batch=4,
         caption_batch=2,
@@ -159,7 +162,7 @@ def test_pretraining_is_deterministic_and_cached(tmp_path, monkeypatch):
         first.model.named_parameters(), second.model.named_parameters(), strict=True
     ):
         assert torch.equal(a, b), name
-    assert log[-1]["step"] == 3 and np.isfinite(log[-1]["und_loss"])
+    assert log[-1]["step"] == 4 and np.isfinite(log[-1]["und_loss"])
     monkeypatch.setenv("NTKDYN_CACHE", str(tmp_path))
     cached = pretrained_toy(config, progress=False)
     assert cache_dir(config).parent == tmp_path and (cache_dir(config) / "pretrain_log.json").is_file()
@@ -169,3 +172,29 @@ def test_pretraining_is_deterministic_and_cached(tmp_path, monkeypatch):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="und_batch must be even"):
         PretrainConfig(und_batch=3)
+    with pytest.raises(ValueError, match="relation_warmup"):
+        PretrainConfig(steps=10, relation_warmup=10)
+    with pytest.raises(ValueError, match="relation_aligned"):
+        PretrainConfig(relation_warmup=10, relation_aligned=11)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_relation_stage_pairs_differ_only_in_the_relation(aligned):
+    """Relation-stage pairs: the oracle agrees with every label, both scenes hold the same objects,
+    and aligned pairs put the two related objects in one row (left/right) or column (above/below)."""
+    from ntkdyn.pretrain import TaskSampler
+
+    world = ShapesWorld(seed=0)
+    sampler = TaskSampler(world, np.random.default_rng(0), [1.0] * 6, [1.0] * 6)
+    texts, scenes, labels = sampler.relation_pairs(40, aligned=aligned)
+    assert scenes.shape == (40, world.image_tokens) and labels.tolist() == [1.0, 0.0] * 20
+    same_line = []
+    for i in range(0, 40, 2):
+        prompt = world.parse_prompt(texts[i])
+        assert prompt.category == "spatial_relation" and texts[i + 1] == texts[i]
+        assert world.oracle(prompt, scenes[i]) and not world.oracle(prompt, scenes[i + 1])
+        assert sorted(scenes[i].tolist()) == sorted(scenes[i + 1].tolist())
+        first, second = world.assignment(prompt, scenes[i])[:2]
+        axis = 2 if prompt.relation in ("left of", "right of") else 3
+        same_line.append(first[axis] == second[axis])
+    assert all(same_line) if aligned else not all(same_line)

@@ -45,6 +45,7 @@ class ToyConfig:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 256
+    initializer_range: float = 0.02  # std of the initial weights (LlamaConfig.initializer_range)
     world_seed: int = 0
     grid_size: int = 3
     cell_pixels: int = 16
@@ -60,6 +61,8 @@ class ToyConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"ToyConfig.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.initializer_range <= 0:
+            raise ValueError(f"ToyConfig.initializer_range must be > 0 (got {self.initializer_range})")
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
             raise ValueError(
                 f"ToyConfig.hidden_size ({self.hidden_size}) must be a multiple of num_heads "
@@ -153,6 +156,7 @@ class ToyAdapter(UnifiedAdapter):
             num_attention_heads=config.num_heads,
             num_key_value_heads=config.num_heads,
             max_position_embeddings=128,
+            initializer_range=config.initializer_range,
             tie_word_embeddings=True,
             pad_token_id=vocab.index("<pad>"),
             bos_token_id=vocab.index("<bos>"),
