@@ -164,14 +164,13 @@ class TaskSampler:
         return [p.text for p in prompts], torch.stack([self.world.sample_image(p, self.rng) for p in prompts])
 
     def relation_pairs(self, n: int, aligned: bool) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-        """n // 2 minimal pairs of spatial_relation prompts: a true
-        scene (label 1) and its relation negative (label 0, the two objects swapped or one moved).
-        ``aligned``: the two objects share a row (left of / right of) or a column (above / below),
-        so the relation is a comparison along one axis. Same return as :meth:`understanding`."""
-        prompts = self.relation_prompts
+        """n // 2 minimal pairs of spatial_relation prompts: a true scene (label 1) and its relation
+        negative (label 0, the two objects swapped or one moved). ``aligned``: the two objects share a
+        row (left of / right of) or a column (above / below), so the relation is a comparison along
+        one axis. Same return as :meth:`understanding`."""
         texts, scenes, labels = [], [], []
         for _ in range(n // 2):
-            prompt = prompts[self.rng.integers(len(prompts))]
+            prompt = self.relation_prompts[self.rng.integers(len(self.relation_prompts))]
             while True:
                 scene = self.world.sample_image(prompt, self.rng)
                 first, second = self.world.assignment(prompt, scene)[:2]
@@ -253,7 +252,7 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[ToyAdapter,
             1.0, step / max(1, config.hard_ramp * config.steps)
         )
         relation_stage = step < config.relation_warmup
-        loss, gen_loss, cap_loss = torch.zeros(()), torch.zeros(()), torch.zeros(())
+        gen_loss, cap_loss = torch.zeros(()), torch.zeros(())
         if relation_stage:
             und_texts, und_images, labels = sampler.relation_pairs(
                 config.und_batch, aligned=step < config.relation_aligned
