@@ -137,6 +137,26 @@ def test_negatives_are_minimal_edits_that_fail_the_oracle(world):
                     assert sorted(neg[neg > 0].tolist()) == sorted(image[image > 0].tolist())
 
 
+def test_grounded_caption_names_every_object_at_its_cell(world):
+    """Rebuilding a scene from its caption's words (hand-written cell names) gives the scene back."""
+    rows = {"top": 0, "middle": 1, "bottom": 2}
+    columns = {"left": 0, "center": 1, "right": 2}
+    rng = np.random.default_rng(3)
+    for category in CATEGORIES:
+        for prompt in world.prompts("train", category)[:5]:
+            image = world.sample_image(prompt, rng)
+            caption = world.grounded_caption(image, rng)
+            rebuilt = {}
+            for phrase in caption.split(" and "):
+                article, color, shape, row, column = phrase.split()
+                assert article == "a" and (rows[row], columns[column]) not in rebuilt
+                rebuilt[(rows[row], columns[column])] = f"{color} {shape}"
+            assert torch.equal(scene(world, rebuilt), image), caption
+            assert set(caption.split()) <= set(world.words)
+    with pytest.raises(ValueError, match="2x2 and 3x3 grids only"):
+        ShapesWorld(grid_size=4).grounded_caption(torch.zeros(16, dtype=torch.long), rng)
+
+
 def test_unknown_prompt_and_bad_image_errors(world):
     with pytest.raises(ValueError, match="cannot read the prompt"):
         world.parse_prompt("a pink elephant")

@@ -40,7 +40,7 @@ class TrainConfig:
         default="sft", metadata=_help("objective of a curriculum run", choices=("sft", "dpo"))
     )
     lr: float | None = field(
-        default=None, metadata=_help("peak AdamW learning rate (default: 1e-3 for SFT, 2e-4 for DPO)")
+        default=None, metadata=_help("peak AdamW learning rate (default: 3e-4 for SFT, 2e-4 for DPO)")
     )
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
     warmup_steps: int = field(default=5, metadata=_help("linear warm-up steps"))
@@ -100,7 +100,7 @@ class TrainConfig:
             f"expected 'sft' or 'dpo', got {self.curriculum_objective!r}",
         )
         if self.lr is None:
-            self.lr = 2e-4 if self.objective == "dpo" else 1e-3
+            self.lr = 2e-4 if self.objective == "dpo" else 3e-4
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")

@@ -51,6 +51,10 @@ CATEGORIES = (
     "compositional",
 )
 NEGATIVE_KINDS = ("color", "shape", "count", "added", "removed", "relation")
+LOCATION_WORDS = {  # grid size -> (row words top to bottom, column words left to right)
+    2: (("top", "bottom"), ("left", "right")),
+    3: (("top", "middle", "bottom"), ("left", "center", "right")),
+}
 
 
 @dataclass(frozen=True)
@@ -133,8 +137,11 @@ class ShapesWorld:
 
     @property
     def words(self) -> list[str]:
-        """Every word a prompt may use (the text vocabulary), sorted."""
+        """Every word of the world's texts (prompts and grounded captions), sorted."""
+        rows, columns = LOCATION_WORDS.get(self.grid_size, ((), ()))
         words = {
+            *rows,
+            *columns,
             "a",
             "and",
             "of",
@@ -254,6 +261,20 @@ class ShapesWorld:
             shape, color = self.describe_code(int(cells[i]))
             out.append((shape, color, int(i) // self.grid_size, int(i) % self.grid_size))
         return out
+
+    def grounded_caption(self, image, rng: np.random.Generator) -> str:
+        """Every object of a scene with its cell, in random order (grids of 2 or 3 only):
+        "a red circle top left and a blue square middle right"."""
+        if self.grid_size not in LOCATION_WORDS:
+            raise ValueError(
+                f"grounded captions name the cells of 2x2 and 3x3 grids only (grid_size {self.grid_size})"
+            )
+        rows, columns = LOCATION_WORDS[self.grid_size]
+        objects = self.objects_of(image)
+        return " and ".join(
+            f"{_object_phrase(shape, color)} {rows[row]} {columns[col]}"
+            for shape, color, row, col in (objects[i] for i in rng.permutation(len(objects)))
+        )
 
     @staticmethod
     def _matches(want: tuple[str, str | None], have: tuple[str, str, int, int]) -> bool:
