@@ -27,7 +27,7 @@ its own gradient), (2) starts with a relation stage (``relation_warmup`` steps o
 on relation minimal pairs only, plus grounding), and (3) initialises with std 0.09
 (~1/sqrt(hidden)) at lr 1e-3. Relation pairs alone, at std 0.09 and lr 1e-3, left the plateau
 after ~450 steps without grounding and ~300 with it (train accuracy 0.98 at step 600); at std
-0.02 and lr 3e-3 they stayed at chance for 600 steps without grounding and reached 0.55 by step
+0.02 and lr 3e-3 they stayed at chance for 600 steps without grounding and reached 0.54 by step
 800 with it.
 
 Why the gap appears: understanding is one binary decision read from the whole scene, and it
