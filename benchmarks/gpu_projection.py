@@ -5,13 +5,14 @@
 2. timing (CUDA events, median of repeats) on transformer-sized layers: the kernel (fp32 and, for
    Rademacher factors, tensor-core 16-bit dots), the torch path, and the memory-bandwidth floor =
    bytes that must be read (x, y, mask, factors) / device-to-device copy bandwidth measured here;
-3. a small launch-parameter sweep on one shape.
+3. a launch-parameter sweep on every timing shape and both dot modes.
 Prints markdown tables and writes everything to OUT/gpu_projection.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -133,18 +134,33 @@ def time_layer(name: str, bandwidth: float) -> dict:
 
 
 def sweep() -> list[dict]:
-    B, T, DX, DY, K = TIMING_SHAPES["attn 4096, T=512"]
-    x, y, px, py, mask = make((B, T, DX, DY, K, K), torch.bfloat16, sign=True)
+    """Every timing shape x both dot modes x launch parameters (block_t, block_d, num_warps)."""
     rows = []
-    for block_t in (32, 64):
-        for block_d in (32, 64, 128):
-            for num_warps in (4, 8):
-                seconds = time_cuda(
-                    lambda bt=block_t, bd=block_d, nw=num_warps: kron_projection_triton(
-                        x, y, px, py, mask, sign_factors=True, block_t=bt, block_d=bd, num_warps=nw
-                    )
-                )
-                rows.append({"block_t": block_t, "block_d": block_d, "num_warps": num_warps, "s": seconds})
+    for name, (B, T, DX, DY, K) in tqdm(TIMING_SHAPES.items(), desc="sweep"):
+        x, y, px, py, mask = make((B, T, DX, DY, K, K), torch.bfloat16, sign=True)
+        for sign in (False, True):
+            for block_t in (32, 64):
+                for block_d in (32, 64, 128):
+                    for num_warps in (4, 8):
+                        launch = functools.partial(
+                            kron_projection_triton,
+                            *(x, y, px, py, mask),
+                            sign_factors=sign,
+                            block_t=block_t,
+                            block_d=block_d,
+                            num_warps=num_warps,
+                        )
+                        seconds = time_cuda(launch)
+                        rows.append(
+                            {
+                                "shape": name,
+                                "bf16_dots": sign,
+                                "block_t": block_t,
+                                "block_d": block_d,
+                                "num_warps": num_warps,
+                                "s": seconds,
+                            }
+                        )
     return rows
 
 
@@ -189,8 +205,15 @@ def main() -> None:
             f"| {r['triton_fp32_s'] * 1e3:.3f} | {r['triton_bf16_s'] * 1e3:.3f} | {r['floor_s'] / best:.2f} |"
         )
     report["sweep"] = sweep()
-    best = min(report["sweep"], key=lambda r: r["s"])
-    print(f"\nlaunch sweep (attn shape): best {best}, default block_t=32 block_d=32 num_warps=4")
+    print("\nlaunch sweep: fastest (block_t, block_d, num_warps) per shape and dot mode")
+    for name in TIMING_SHAPES:
+        for sign in (False, True):
+            rows = [r for r in report["sweep"] if r["shape"] == name and r["bf16_dots"] == sign]
+            best = min(rows, key=lambda r: r["s"])
+            print(
+                f"{name}, {'bf16' if sign else 'fp32'} dots: best ({best['block_t']}, {best['block_d']}, "
+                f"{best['num_warps']}) {best['s'] * 1e3:.3f} ms"
+            )
     with open(os.path.join(args.out, "gpu_projection.json"), "w") as f:
         json.dump(report, f, indent=1)
     if worst > 1e-4 or report["projector_check"]["rel_error_triton_vs_torch"] > 1e-3:

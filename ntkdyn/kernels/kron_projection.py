@@ -174,16 +174,17 @@ def kron_projection_triton(
     sign_factors: bool = False,
     splits: int | None = None,
     block_t: int | None = None,
-    block_d: int = 32,
-    num_warps: int = 4,
+    block_d: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Launch the fused kernel; same contract as :func:`kron_projection_reference`.
 
     sign_factors: the caller guarantees px, py have entries in {-1, 0, 1}; then 16-bit CUDA inputs are
     multiplied in their own dtype on tensor cores (exact products). splits: token splits per sample
     (each a program writing a partial sum); None picks enough programs to fill the GPU (one on the
-    interpreter). block_t (default 32 on CUDA, 16 on the interpreter), block_d, num_warps: tuning.
-    CPU tensors need TRITON_INTERPRET=1.
+    interpreter). block_t, block_d, num_warps: launch tuning; None takes the fastest of the sweep in
+    benchmarks/gpu_projection.py on an H200 (BENCHMARKS.md) on CUDA: (64, 128, 8) with 16-bit dots,
+    (64, 64, 8) with fp32 dots; (16, 32, 4) on the interpreter. CPU tensors need TRITON_INTERPRET=1.
     """
     if x.device.type == "cpu" and not _interpreter_on():
         raise RuntimeError(
@@ -200,7 +201,14 @@ def kron_projection_triton(
     py = torch.eye(DY, device=y.device) if py is None else py.float().contiguous()
     KX, KY = px.shape[1], py.shape[1]
     keep = torch.ones(B, T, dtype=torch.int8, device=x.device) if mask is None else mask.to(torch.int8)
-    block_t = (32 if x.is_cuda else 16) if block_t is None else block_t
+    low_precision = (
+        sign_factors and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and y.dtype == x.dtype
+    )
+    tuned = (64, 128, 8) if low_precision else (64, 64, 8) if x.is_cuda else (16, 32, 4)
+    tuned_t, tuned_d, tuned_warps = tuned
+    block_t = tuned_t if block_t is None else block_t
+    block_d = tuned_d if block_d is None else block_d
+    num_warps = tuned_warps if num_warps is None else num_warps
     block_kx, block_ky = _block(KX, 64), _block(KY, 64)
     tiles = triton.cdiv(KX, block_kx) * triton.cdiv(KY, block_ky)
     t_blocks = triton.cdiv(T, block_t)
@@ -210,9 +218,6 @@ def kron_projection_triton(
     splits = min(splits, t_blocks)
     tokens_per_split = triton.cdiv(t_blocks, splits) * block_t
     splits = triton.cdiv(T, tokens_per_split)
-    low_precision = (
-        sign_factors and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and y.dtype == x.dtype
-    )
     out = torch.empty(B, splits, KX, KY, dtype=torch.float32, device=x.device)
     _compiled_kernel(_interpreter_on())[(B, splits, tiles)](
         x,

@@ -37,17 +37,7 @@ from transformers import Trainer, TrainerCallback
 from ntkdyn.analysis.dynamics import DynamicsTracker
 from ntkdyn.analysis.probes import Fn, ProbeGroup
 from ntkdyn.analysis.projector import ProjectionConfig
-
-
-def _to_device(batch, device: torch.device):
-    """Tensors of a (nested) dict/list/tuple batch moved to device; everything else as it is."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, list | tuple):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
+from ntkdyn.trainer.data import to_device
 
 
 class NTKDynamicsCallback(TrainerCallback):
@@ -108,7 +98,7 @@ class NTKDynamicsCallback(TrainerCallback):
                 ProbeGroup(
                     name,
                     fn,
-                    _to_device(batch, device),
+                    to_device(batch, device),
                     measurement=name.split("/")[0],
                     category=name.split("/")[-1],
                 )
@@ -127,7 +117,7 @@ class NTKDynamicsCallback(TrainerCallback):
             self._lr = (
                 float(scheduler.get_last_lr()[0]) if scheduler is not None else trainer.args.learning_rate
             )
-        self.tracker.before_step(step, model, self.loss_fn, _to_device(inputs, device))
+        self.tracker.before_step(step, model, self.loss_fn, to_device(inputs, device))
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not self._attached:

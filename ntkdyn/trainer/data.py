@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,6 +296,17 @@ def load_round(path: Path) -> tuple[TrainSet, torch.Tensor, dict]:
         tensors["pool"],
         json.loads(meta["info"]),
     )
+
+
+def to_device(batch, device: torch.device):
+    """Tensors of a (nested) dict/list/tuple batch moved to device; everything else as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 def replay_batch(

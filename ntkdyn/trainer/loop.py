@@ -50,6 +50,7 @@ from ntkdyn.trainer.data import (
     save_round,
     seeded_generator,
     select,
+    to_device,
 )
 from ntkdyn.trainer.distributed import Dist
 from ntkdyn.trainer.losses import make_loss_fn, objective_terms
@@ -273,7 +274,7 @@ def train(
             if tc.replay_weight:
                 batch.update(replay_batch(adapter, world, prompts, tc.batch_size, tc.seed, step))
             share = tc.batch_size // dist.world_size
-            local = slice_batch(batch, dist.rank * share, (dist.rank + 1) * share)
+            local = to_device(slice_batch(batch, dist.rank * share, (dist.rank + 1) * share), dist.device)
 
             with running(adapter, raw):
                 for h in hooks:
