@@ -5,7 +5,7 @@
 Runs each row's ``python -m ntkdyn.track`` command (with --no-track, one after the other; a row whose
 summary.json exists is not run again) and prints the markdown table: the pre-trained model, then every
 run's ``after`` metrics on the eval prompts. Every row has the same training budget: the defaults
-(30 epochs capped at 120 optimizer steps) make every run take exactly 120 steps.
+(2048 prompts, 30 epochs capped at 1000 optimizer steps) make every run take exactly 1000 steps.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-BUDGET: list[str] = []  # the defaults already give every run the same budget (120 optimizer steps)
+BUDGET: list[str] = []  # the defaults already give every run the same budget (1000 optimizer steps)
 ROWS = {
     "sft-unfiltered": ["--run", "sft", "--judge", "none", *BUDGET],
     "sft-self": ["--run", "sft", *BUDGET],

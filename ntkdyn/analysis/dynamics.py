@@ -492,7 +492,7 @@ def summarize_dynamics(rows: Iterable[dict]) -> dict:
 class TrackingConfig:
     """Learning-dynamics tracking of a ``python -m ntkdyn.track`` run (CLI: ``--track-every`` ...)."""
 
-    track_every: int = field(default=5, metadata={"help": "track every K optimizer steps"})
+    track_every: int = field(default=40, metadata={"help": "track every K optimizer steps"})
     proj_kind: str = field(
         default="kronecker",
         metadata={

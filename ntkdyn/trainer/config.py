@@ -5,8 +5,8 @@ is built from these fields by :func:`add_dataclass_arguments`.
 Budget: a run is ``rounds`` rounds; each round collects data (Algorithm 1; in a curriculum
 run, round r > 0 revisits the discard pool, Algorithm 2) and then trains ``ceil(epochs * n /
 batch_size)`` optimizer steps on its n items, capped by ``max_steps // rounds`` (the remainder goes to
-the last round; max_steps 0: no cap). The defaults (30 epochs, 120 steps) make every run take exactly
-120 steps, so runs with different filters, objectives and data sizes have an equal budget.
+the last round; max_steps 0: no cap). The defaults (2048 prompts, 30 epochs, 1000 steps) make every run
+take exactly 1000 steps, so runs with different filters, objectives and data sizes have an equal budget.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class TrainConfig:
         default=30.0, metadata=_help("epochs over each round's data, capped by --max-steps (paper: 20-30)")
     )
     max_steps: int = field(
-        default=120,
+        default=1000,
         metadata=_help(
             "cap on the optimizer steps over all rounds: every default run trains this many steps (equal "
             "budget across filters and objectives); 0 = no cap"
@@ -89,7 +89,7 @@ class TrainConfig:
         metadata=_help("trained parameters: the shared language model or all", choices=TRAINABLE),
     )
     checkpoint_every: int = field(default=50, metadata=_help("checkpoint every K optimizer steps"))
-    eval_every: int = field(default=30, metadata=_help("evaluate every K steps during training (0 = off)"))
+    eval_every: int = field(default=500, metadata=_help("evaluate every K steps during training (0 = off)"))
     seed: int = field(default=0, metadata=_help("seed of everything (data order, sampling, replay)"))
 
     def __post_init__(self) -> None:
@@ -152,7 +152,7 @@ class DataConfig:
         default=0.0, metadata=_help("DPO keeps a pair when P(yes) chosen - P(yes) rejected >= this")
     )
     prompts: str = field(
-        default="256",
+        default="2048",
         metadata=_help(
             "training prompts: a count P (P prompts of the world's train split, every category alike) or a "
             'text/JSONL file of prompts (one per line / objects with a "text" field)'
