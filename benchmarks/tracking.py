@@ -11,8 +11,8 @@ and probe count of the grid, it prints the median plain and tracked step times, 
 factor, and the Pearson correlation of predicted with observed change (exact first order,
 features, SGD kernel form) per branch over the run's tracked steps, as a Markdown table.
 
-    python benchmarks/tracking.py                      # the grid of BENCHMARKS.md
-    python benchmarks/tracking.py --ks 64 --probes 8   # one configuration
+    python benchmarks/tracking.py --ks 64 128 --probes 2 8 --steps 6   # the grid of BENCHMARKS.md
+    python benchmarks/tracking.py --ks 64 --probes 8 --model-dir ~/.cache/ntkdyn/toy-<hash>  # pre-trained
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from tqdm import tqdm
 from ntkdyn import ProjectionConfig
 from ntkdyn.analysis.dynamics import DynamicsTracker, read_jsonl, summarize_dynamics
 from ntkdyn.analysis.probes import probe_groups, select_probes
+from ntkdyn.evaluate import oracle_of_images, world_images
 from ntkdyn.models.toy import ToyAdapter
 from ntkdyn.trainer.config import TrainConfig
 from ntkdyn.trainer.data import replay_batch
@@ -51,15 +52,17 @@ def pretrained_records(adapter: ToyAdapter, n_prompts: int) -> list[dict]:
     flat, flat_texts = images.flatten(0, 1), [t for t in texts for _ in range(2)]
     with torch.no_grad():
         verdict = adapter.judge(flat, flat_texts).p_yes > 0.5
+    oracle, _ = oracle_of_images(adapter, world, [p for p in prompts for _ in range(2)], flat)
     return [
-        {
-            "prompt": t,
-            "image": x.tolist(),
-            "verdict": bool(v),
-            "oracle": world.oracle(world.parse_prompt(t), x),
-        }
-        for t, x, v in zip(flat_texts, flat, verdict, strict=True)
+        {"prompt": t, "image": x.tolist(), "verdict": bool(v), "oracle": o}
+        for t, x, v, o in zip(flat_texts, flat, verdict, oracle, strict=True)
     ]
+
+
+def image_oracle(adapter: ToyAdapter):
+    """oracle(text, image tokens [L]) -> bool, for the unrelated probe pairs."""
+    world = adapter.world
+    return lambda text, image: oracle_of_images(adapter, world, [world.parse_prompt(text)], image[None])[0][0]
 
 
 def dpo_batch(adapter: ToyAdapter, reference: ToyAdapter, size: int, step: int, cfg: TrainConfig) -> dict:
@@ -69,18 +72,18 @@ def dpo_batch(adapter: ToyAdapter, reference: ToyAdapter, size: int, step: int, 
     rng = np.random.default_rng(step)
     train = world.prompts("train")
     prompts = [train[i] for i in rng.choice(len(train), size, replace=False)]
-    chosen = [torch.as_tensor(world.sample_image(p, rng)) for p in prompts]
+    chosen = [world.sample_image(p, rng) for p in prompts]
     rejected = [world.negatives(p, x, rng)[0][1] for p, x in zip(prompts, chosen, strict=True)]
     batch = {
         "prompts": [p.text for p in prompts],
-        "images": torch.stack(chosen),
-        "rejected": torch.stack([torch.as_tensor(x) for x in rejected]),
+        "images": world_images(adapter, world, chosen),
+        "rejected": world_images(adapter, world, rejected),
     }
     with torch.no_grad():
         batch["ref_chosen"] = reference.gen_logprob(batch["prompts"], batch["images"])
         batch["ref_rejected"] = reference.gen_logprob(batch["prompts"], batch["rejected"])
     if cfg.replay_weight:
-        batch.update(replay_batch(world, train, size, cfg.seed, step))
+        batch.update(replay_batch(adapter, world, train, size, cfg.seed, step))
     return batch
 
 
@@ -91,7 +94,8 @@ def run(
     adapter, reference = build_adapter(model_dir), build_adapter(model_dir)
     model = adapter.model
     loss_fn = make_loss_fn(objective_terms(adapter, "dpo", cfg.beta, cfg.nll_weight, cfg.replay_weight))
-    probes = select_probes(pretrained_records(adapter, 4 * per_category), per_category, world=adapter.world)
+    records = pretrained_records(adapter, 4 * per_category)
+    probes = select_probes(records, per_category, seed=0, oracle=image_oracle(adapter))
     with tempfile.TemporaryDirectory(prefix="ntkdyn-bench-") as out:
         tracker = DynamicsTracker(
             model, probe_groups(adapter, probes), out, every=2, config=ProjectionConfig(kind=kind, k=k)
