@@ -11,7 +11,7 @@ and probe count of the grid, it prints the median plain and tracked step times, 
 factor, and the Pearson correlation of predicted with observed change (exact first order,
 features, SGD kernel form) per branch over the run's tracked steps, as a Markdown table.
 
-    python benchmarks/tracking.py --ks 64 128 --probes 2 8 --steps 6   # the grid of BENCHMARKS.md
+    python benchmarks/tracking.py --ks 64 128 --probes 2 8 --steps 12  # the grid of BENCHMARKS.md
     python benchmarks/tracking.py --ks 64 --probes 8 --model-dir ~/.cache/ntkdyn/toy-<hash>  # pre-trained
 """
 
@@ -26,9 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ntkdyn import ProjectionConfig
-from ntkdyn.analysis.dynamics import DynamicsTracker, read_jsonl, summarize_dynamics
-from ntkdyn.analysis.probes import probe_groups, select_probes
+from ntkdyn.analysis.dynamics import TrackingConfig, build_tracker, read_jsonl, summarize_dynamics
 from ntkdyn.evaluate import oracle_of_images, world_images
 from ntkdyn.models.toy import ToyAdapter
 from ntkdyn.trainer.config import TrainConfig
@@ -57,12 +55,6 @@ def pretrained_records(adapter: ToyAdapter, n_prompts: int) -> list[dict]:
         {"prompt": t, "image": x.tolist(), "verdict": bool(v), "oracle": o}
         for t, x, v, o in zip(flat_texts, flat, verdict, oracle, strict=True)
     ]
-
-
-def image_oracle(adapter: ToyAdapter):
-    """oracle(text, image tokens [L]) -> bool, for the unrelated probe pairs."""
-    world = adapter.world
-    return lambda text, image: oracle_of_images(adapter, world, [world.parse_prompt(text)], image[None])[0][0]
 
 
 def dpo_batch(adapter: ToyAdapter, reference: ToyAdapter, size: int, step: int, cfg: TrainConfig) -> dict:
@@ -95,11 +87,9 @@ def run(
     model = adapter.model
     loss_fn = make_loss_fn(objective_terms(adapter, "dpo", cfg.beta, cfg.nll_weight, cfg.replay_weight))
     records = pretrained_records(adapter, 4 * per_category)
-    probes = select_probes(records, per_category, seed=0, oracle=image_oracle(adapter))
+    settings = TrackingConfig(track_every=2, proj_kind=kind, proj_k=k, probes_per_category=per_category)
     with tempfile.TemporaryDirectory(prefix="ntkdyn-bench-") as out:
-        tracker = DynamicsTracker(
-            model, probe_groups(adapter, probes), out, every=2, config=ProjectionConfig(kind=kind, k=k)
-        )
+        tracker = build_tracker(adapter, adapter.world, out, settings, records)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         plain, tracked = [], []
         model.train()
@@ -117,7 +107,7 @@ def run(
     return {
         "kind": kind,
         "k": k,
-        "probes": len(probes) * len(tracker.probes),
+        "probes": sum(len(g.batch["prompts"]) for g in tracker.probes),
         "D": tracker.projector.feature_dim,
         "plain_s": statistics.median(plain),
         "tracked_s": statistics.median(tracked),
