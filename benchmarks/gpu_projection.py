@@ -21,7 +21,8 @@ import torch
 from tqdm import tqdm
 
 from ntkdyn import GradientProjector, ProjectionConfig
-from ntkdyn.kernels.kron_projection import kron_projection_reference, kron_projection_triton
+from ntkdyn.kernels.kron_projection import kron_projection_reference
+from ntkdyn.kernels.kron_projection_triton import kron_projection_triton
 
 CHECK_SHAPES = [  # (B, T, DX, DY, KX, KY)
     (2, 13, 70, 45, 24, 20),

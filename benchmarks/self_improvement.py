@@ -18,17 +18,16 @@ import sys
 import time
 from pathlib import Path
 
-BUDGET: list[str] = []  # the defaults already give every run the same budget (1000 optimizer steps)
-ROWS = {
-    "sft-unfiltered": ["--run", "sft", "--judge", "none", *BUDGET],
-    "sft-self": ["--run", "sft", *BUDGET],
-    "sft-oracle": ["--run", "sft", "--judge", "oracle", *BUDGET],
-    "sft-self-3-rounds": ["--run", "sft", "--rounds", "3", *BUDGET],
-    "curriculum": ["--run", "curriculum", "--rounds", "3", *BUDGET],
-    "dpo": ["--run", "dpo", *BUDGET],
-    "sft-self-no-replay": ["--run", "sft", "--replay-weight", "0", *BUDGET],
-    "dpo-no-nll": ["--run", "dpo", "--nll-weight", "0", *BUDGET],
-    "dpo-lr-5e-5": ["--run", "dpo", "--lr", "5e-5", *BUDGET],
+ROWS = {  # the defaults give every run the same budget (1000 optimizer steps)
+    "sft-unfiltered": ["--run", "sft", "--judge", "none"],
+    "sft-self": ["--run", "sft"],
+    "sft-oracle": ["--run", "sft", "--judge", "oracle"],
+    "sft-self-3-rounds": ["--run", "sft", "--rounds", "3"],
+    "curriculum": ["--run", "curriculum", "--rounds", "3"],
+    "dpo": ["--run", "dpo"],
+    "sft-self-no-replay": ["--run", "sft", "--replay-weight", "0"],
+    "dpo-no-nll": ["--run", "dpo", "--nll-weight", "0"],
+    "dpo-lr-5e-5": ["--run", "dpo", "--lr", "5e-5"],
 }
 COLUMNS = [
     ("gen_alignment", "gen_alignment"),

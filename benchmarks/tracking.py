@@ -26,9 +26,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ntkdyn.analysis.dynamics import TrackingConfig, build_tracker, read_jsonl, summarize_dynamics
-from ntkdyn.evaluate import oracle_of_images, world_images
+from ntkdyn.analysis.projector import ProjectionConfig
+from ntkdyn.analysis.summary import summarize_dynamics
+from ntkdyn.config import TrackingConfig
+from ntkdyn.models.scenes import oracle_of_images, world_images
 from ntkdyn.models.toy import ToyAdapter
+from ntkdyn.rundir import RunDir, read_jsonl
+from ntkdyn.shapes_probes import build_tracker
 from ntkdyn.trainer.config import TrainConfig
 from ntkdyn.trainer.data import replay_batch
 from ntkdyn.trainer.losses import make_loss_fn, objective_terms
@@ -87,7 +91,8 @@ def run(
     model = adapter.model
     loss_fn = make_loss_fn(objective_terms(adapter, "dpo", cfg.beta, cfg.nll_weight, cfg.replay_weight))
     records = pretrained_records(adapter, 4 * per_category)
-    settings = TrackingConfig(track_every=2, proj_kind=kind, proj_k=k, probes_per_category=per_category)
+    projection = ProjectionConfig(kind=kind, k=k)
+    settings = TrackingConfig(track_every=2, projection=projection, probes_per_category=per_category)
     with tempfile.TemporaryDirectory(prefix="ntkdyn-bench-") as out:
         tracker = build_tracker(adapter, adapter.world, out, settings, records)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -103,7 +108,7 @@ def run(
             tracker.after_step(step, model, cfg.lr)
             if step > 2:  # steps 1-2 warm up (first AdamW step, first projection factors)
                 (tracked if tracker.is_tracked(step) else plain).append(time.process_time() - start)
-        summary = summarize_dynamics(read_jsonl(f"{out}/dynamics.jsonl"))
+        summary = summarize_dynamics(read_jsonl(RunDir(out).dynamics))
     return {
         "kind": kind,
         "k": k,

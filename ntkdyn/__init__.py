@@ -1,16 +1,28 @@
 """ntkdyn: self-improvement of unified multimodal models with the shared empirical NTK
-between generation and understanding tracked during training."""
+between generation and understanding tracked during training.
 
-from ntkdyn.analysis.ntk import empirical_ntk, exact_ntk
-from ntkdyn.analysis.projector import GradientProjector, ProjectionConfig
+The public names are imported when first used (PEP 562): ``import ntkdyn`` loads nothing heavy, and
+``ntkdyn.NTKDynamicsCallback`` imports transformers' Trainer only when asked for.
+"""
 
-__all__ = ["GradientProjector", "NTKDynamicsCallback", "ProjectionConfig", "empirical_ntk", "exact_ntk"]
+from importlib import import_module
+
+_EXPORTS = {
+    "GradientProjector": "ntkdyn.analysis.projector",
+    "ProjectionConfig": "ntkdyn.analysis.projector",
+    "empirical_ntk": "ntkdyn.analysis.ntk",
+    "exact_ntk": "ntkdyn.analysis.ntk",
+    "NTKDynamicsCallback": "ntkdyn.analysis.callback",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    """Lazy export: ``ntkdyn.NTKDynamicsCallback`` imports transformers' Trainer only when asked for."""
-    if name == "NTKDynamicsCallback":
-        from ntkdyn.trainer.callbacks import NTKDynamicsCallback
-
-        return NTKDynamicsCallback
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'ntkdyn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,7 +1,7 @@
 """The internal gap of a unified model, measured against ShapesWorld's exact oracle.
 
-    python -m ntkdyn.evaluate --model toy [--num-prompts P] [--candidates N] [--json FILE]
-                              [--prompts FILE] [--out DIR]
+    python -m ntkdyn.evaluate --model NAME [PATH] [--num-prompts P] [--candidates N] [--json FILE]
+                              [--prompts FILE] [--out DIR]     (every option: --help)
 
 For every prompt y the model samples N candidates x ~ pi^gen(.|y); its own understanding
 answers q(y) = "does this image describe y ?" with verdict v = 1[P(yes) > 1/2]; the oracle
@@ -11,17 +11,21 @@ parsed counts as o = 0). Understanding is also scored on true scenes and their h
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ntkdyn.cli import config_parser, model_option, parse_config
+from ntkdyn.models import check_model_spec, load_adapter
 from ntkdyn.models.base import UnifiedAdapter
+from ntkdyn.models.scenes import oracle_of_images, world_images
+from ntkdyn.rundir import write_json
 from ntkdyn.world import Prompt, ShapesWorld
 
 METRIC_KEYS = (
@@ -46,6 +50,31 @@ class CandidateRecord:
     verdict: bool
     oracle: bool
     parsed: bool  # False when world.parse rejected the decoded pixels (then oracle is False)
+
+    def to_row(self) -> dict:
+        """The record as plain data: a row of a run's pretrained/records.jsonl, and the form the probes
+        are chosen from (ntkdyn.shapes_probes.select_probes)."""
+        return {
+            "prompt": self.prompt.text,
+            "category": self.prompt.category,
+            "image": self.image.tolist(),
+            "p_yes": self.p_yes,
+            "verdict": self.verdict,
+            "oracle": self.oracle,
+            "parsed": self.parsed,
+        }
+
+    @classmethod
+    def from_row(cls, row: Mapping, world: ShapesWorld) -> CandidateRecord:
+        """The inverse of :meth:`to_row` (the prompt is parsed by ``world``)."""
+        return cls(
+            prompt=world.parse_prompt(row["prompt"]),
+            image=torch.tensor(row["image"]),
+            p_yes=row["p_yes"],
+            verdict=row["verdict"],
+            oracle=row["oracle"],
+            parsed=row["parsed"],
+        )
 
 
 @dataclass
@@ -103,44 +132,6 @@ def gap_metrics(records: Sequence[CandidateRecord], und_records: Sequence[Unders
         "false_positive_rate": _rate(int((v & ~o).sum()), int((~o).sum())),
         "false_negative_rate": _rate(int((~v & o).sum()), int(o.sum())),
     }
-
-
-def resize_pixels(pixels: torch.Tensor, size: int | tuple[int, int], mode: str = "nearest") -> torch.Tensor:
-    """Resize uint8 pixels [B, H, W, 3] to [B, *size, 3] with torch interpolate ``mode`` (no-op at
-    that size). World scenes go to a model's size by "nearest" (exact at integer factors); a model's
-    images come back to the world's by "area", which keeps shapes parseable from as low as 32 px."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    if tuple(pixels.shape[1:3]) == size:
-        return pixels
-    resized = torch.nn.functional.interpolate(pixels.permute(0, 3, 1, 2).float(), size=size, mode=mode)
-    return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
-def world_images(adapter: UnifiedAdapter, world: ShapesWorld, scenes: Sequence) -> torch.Tensor:
-    """World scenes as the adapter's image tokens: render, nearest-neighbour resize to
-    ``adapter.image_size`` (a real model's own resolution), encode: LongTensor[B, L]."""
-    pixels = torch.from_numpy(np.stack([world.render(scene) for scene in scenes]))
-    return adapter.encode(resize_pixels(pixels, getattr(adapter, "image_size", world.image_size)))
-
-
-def oracle_of_images(
-    adapter: UnifiedAdapter, world: ShapesWorld, prompts: Sequence[Prompt], images: torch.Tensor
-) -> tuple[list[bool], list[bool]]:
-    """(oracle, parsed) of the adapter's images [B, L] for prompts[b]: the exact oracle on
-    world.parse of adapter.decode(images) resized ("area") to the world's image size;
-    pixels that cannot be parsed give (False, False)."""
-    pixels = resize_pixels(adapter.decode(images), world.image_size, mode="area")
-    oracle, parsed = [], []
-    for prompt, image_pixels in zip(prompts, pixels, strict=True):
-        try:
-            scene = world.parse(image_pixels)
-        except ValueError:
-            oracle.append(False)
-            parsed.append(False)
-            continue
-        oracle.append(bool(world.oracle(prompt, scene)))
-        parsed.append(True)
-    return oracle, parsed
 
 
 @torch.no_grad()
@@ -311,58 +302,72 @@ def generations_figure(adapter: UnifiedAdapter, records: Sequence[CandidateRecor
     return fig
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from ntkdyn.models import MODEL_NAMES, load_adapter
+@dataclass
+class EvaluateConfig:
+    """Options of ``python -m ntkdyn.evaluate``."""
 
-    parser = argparse.ArgumentParser(prog="python -m ntkdyn.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="toy", help=f"one of {', '.join(MODEL_NAMES)}")
-    parser.add_argument(
-        "--path", default=None, help="weights directory or hub id (janus, emu3, or a toy dir)"
+    model: list[str] = model_option()
+    num_prompts: int = field(default=8, metadata={"help": "eval prompts per category (without --prompts)"})
+    candidates: int = field(default=8, metadata={"help": "generations per prompt (N)"})
+    und_pairs: int = field(default=4, metadata={"help": "true scenes per prompt for understanding"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the generations"})
+    seed: int = field(default=0, metadata={"help": "seed of the generations and the understanding scenes"})
+    prompts: str | None = field(
+        default=None, metadata={"help": "text (one prompt a line) or JSONL file of prompts"}
     )
-    parser.add_argument("--num-prompts", type=int, default=8, help="eval prompts per category")
-    parser.add_argument("--candidates", type=int, default=8, help="generations per prompt (N)")
-    parser.add_argument("--und-pairs", type=int, default=4, help="true scenes per prompt for understanding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prompts", default=None, help="text (one prompt a line) or JSONL file of prompts")
-    parser.add_argument("--json", default=None, help="write the metrics here")
-    parser.add_argument("--out", default="ntkdyn-eval", help="directory for the figure of generations")
-    args = parser.parse_args(argv)
-    if args.num_prompts < 1 or args.candidates < 1 or args.und_pairs < 0:
-        parser.error("--num-prompts and --candidates must be >= 1, --und-pairs >= 0")
+    json: str | None = field(default=None, metadata={"help": "write the metrics here"})
+    out: str = field(default="ntkdyn-eval", metadata={"help": "directory for the figure of generations"})
+
+    def __post_init__(self) -> None:
+        check_model_spec(self.model)
+        for name in ("num_prompts", "candidates"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.und_pairs < 0:
+            raise ValueError(f"und_pairs: must be >= 0, got {self.und_pairs}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
+        if self.prompts is not None and not os.path.isfile(self.prompts):
+            raise ValueError(f"prompts: no such file {self.prompts!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ntkdyn.evaluate``: exit code 0, or 2 for bad input (options, prompts file, model)."""
+    parser = config_parser(EvaluateConfig, "python -m ntkdyn.evaluate", __doc__.split("\n\n")[0])
+    cfg = parse_config(parser, EvaluateConfig, argv)
     try:
-        adapter = load_adapter(args.model, args.path)
+        adapter = load_adapter(*cfg.model)
         world = getattr(adapter, "world", None) or ShapesWorld(seed=0)
-        if args.prompts:
-            prompts = read_prompts(args.prompts, world)
+        if cfg.prompts:
+            prompts = read_prompts(cfg.prompts, world)
         else:
-            prompts = [p for c in world.categories for p in world.prompts("eval", c)[: args.num_prompts]]
+            prompts = [p for c in world.categories for p in world.prompts("eval", c)[: cfg.num_prompts]]
         result = evaluate(
             adapter,
             world,
             prompts,
-            candidates=args.candidates,
-            seed=args.seed,
-            temperature=args.temperature,
-            und_pairs=args.und_pairs,
+            candidates=cfg.candidates,
+            seed=cfg.seed,
+            temperature=cfg.temperature,
+            und_pairs=cfg.und_pairs,
         )
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     unparsed = sum(not r.parsed for r in result.records)
     print(
-        f"{args.model}: {len(prompts)} prompts x {args.candidates} candidates, {len(result.und_records)} "
+        f"{cfg.model[0]}: {len(prompts)} prompts x {cfg.candidates} candidates, {len(result.und_records)} "
         f"understanding probes, {unparsed} unparseable generations"
     )
     print(format_table(result.metrics))
-    out = Path(args.out)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     fig = generations_figure(adapter, result.records)
     fig.savefig(out / "generations.png", dpi=110)
     print(f"figure: {out / 'generations.png'}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result.metrics, indent=1))
-        print(f"metrics: {args.json}")
+    if cfg.json:
+        write_json(cfg.json, result.metrics)
+        print(f"metrics: {cfg.json}")
     return 0
 
 

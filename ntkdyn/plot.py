@@ -9,10 +9,13 @@ or raises MissingData naming what the run lacks; ``plot_run`` skips those figure
                         exact first-order and the feature predictors (rows), coloured by category
     kernel_heatmaps     kernels/step_*.safetensors: the cosine-normalised eNTK over all probes
                         (blocks gen,gen / und,gen / und,und / caption...) at the first and last step
-    shared_kernel       dynamics.jsonl ntk rows: same-pair cosine cos(φ_und(o), φ_gen(o)) per
+    shared_kernel       ntk.jsonl: same-pair cosine cos(φ_und(o), φ_gen(o)) per
                         category and kernel alignment between gen and und over training
     non_unification     summary.json: non-unification per prompt category, before and after
     data_growth         data.jsonl: training items and discard pool per round (curriculum)
+
+The run is read through ntkdyn.rundir (file names, rows, kernel keys); nothing here imports the
+projector, its kernels or Triton.
 """
 
 from __future__ import annotations
@@ -20,15 +23,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from ntkdyn.analysis.dynamics import read_jsonl
-from ntkdyn.analysis.metrics import pearson
+from ntkdyn.analysis.statistics import pearson
+from ntkdyn.rundir import (
+    KernelRow,
+    ProbeRow,
+    RunDir,
+    kernel_file_step,
+    kernel_key,
+    load_tensors,
+    parse_ntk_key,
+    read_json,
+    read_jsonl,
+)
 
 
 class MissingData(Exception):
@@ -62,9 +75,8 @@ def co_improvement(eval_rows: list[dict]) -> Figure:
     return fig
 
 
-def dynamics_scatter(dynamics_rows: list[dict]) -> Figure:
+def dynamics_scatter(rows: Sequence[ProbeRow]) -> Figure:
     """Predicted vs observed change of every probe at every tracked step, per branch; Pearson in titles."""
-    rows = [r for r in dynamics_rows if r.get("kind") == "probe"]
     _need(bool(rows), "dynamics.jsonl has no probe rows (was tracking on?)")
     branches = list(dict.fromkeys(r["branch"] for r in rows))
     categories = list(dict.fromkeys(r["category"] for r in rows))
@@ -104,18 +116,15 @@ def dynamics_scatter(dynamics_rows: list[dict]) -> Figure:
 def _probe_kernel(path: Path) -> tuple[np.ndarray, list[str], list[int]]:
     """The cosine-normalised kernel over all probes (measurements in order), their names and the
     block boundaries, from one kernels/step_*.safetensors file."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        labels = json.loads(f.metadata()["labels"])
-        measurements = list(labels)
-        blocks = {key: f.get_tensor(key).numpy() for key in f.keys() if key.startswith("Kcos/")}
+    tensors, metadata = load_tensors(path)
+    labels = json.loads(metadata["labels"])
+    measurements = list(labels)
     sizes = [len(labels[m]) for m in measurements]
     full = np.zeros((sum(sizes), sum(sizes)))
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     for i, a in enumerate(measurements):
         for j, b in enumerate(measurements[: i + 1]):
-            block = blocks[f"Kcos/{a},{b}"]
+            block = tensors[kernel_key("Kcos", a, b)].numpy()
             full[offsets[i] : offsets[i + 1], offsets[j] : offsets[j + 1]] = block
             full[offsets[j] : offsets[j + 1], offsets[i] : offsets[i + 1]] = block.T
     return full, measurements, offsets.tolist()
@@ -146,21 +155,22 @@ def kernel_heatmaps(kernel_paths: list[Path]) -> Figure:
         centres = [(offsets[i] + offsets[i + 1]) / 2 for i in range(len(measurements))]
         ax.set_xticks(centres, measurements)
         ax.set_yticks(centres, measurements)
-        ax.set_title(f"eNTK between probes, step {int(path.stem.split('_')[1])}")
+        ax.set_title(f"eNTK between probes, step {kernel_file_step(path)}")
     return fig
 
 
-def shared_kernel(dynamics_rows: list[dict]) -> Figure:
+def shared_kernel(kernel_rows: Sequence[KernelRow]) -> Figure:
     """The shared und/gen kernel over training: same-pair cosine per category and kernel alignment."""
-    rows = sorted((r for r in dynamics_rows if r.get("kind") == "ntk"), key=lambda r: r["step"])
-    cos_keys = sorted({k for r in rows for k in r if k.startswith("ntk/cross_cos/und,gen")})
-    align_keys = sorted({k for r in rows for k in r if k.startswith("ntk/alignment/")})
-    _need(bool(cos_keys or align_keys), "dynamics.jsonl has no ntk/cross_cos or ntk/alignment rows")
+    rows = sorted(kernel_rows, key=lambda r: r["step"])
+    keys = {k: parse_ntk_key(k) for r in rows for k in r if k.startswith("ntk/")}
+    cos_keys = sorted(k for k, p in keys.items() if p.stat == "cross_cos" and (p.a, p.b) == ("und", "gen"))
+    align_keys = sorted(k for k, p in keys.items() if p.stat == "alignment")
+    _need(bool(cos_keys or align_keys), "ntk.jsonl has no ntk/cross_cos or ntk/alignment rows")
     fig = Figure(figsize=(11, 4), layout="constrained")
     left, right = fig.subplots(1, 2)
     for key in cos_keys:
         points = [(r["step"], r[key]) for r in rows if key in r]
-        label = key.split("/")[-1] if key.count("/") == 3 else "all probes"
+        label = keys[key].category or "all probes"
         left.plot(
             *zip(*points, strict=True), marker="o", ms=3, label=label, lw=2 if label == "all probes" else 1
         )
@@ -176,7 +186,7 @@ def shared_kernel(dynamics_rows: list[dict]) -> Figure:
             *zip(*[(r["step"], r[key]) for r in rows if key in r], strict=True),
             marker="o",
             ms=3,
-            label=key.removeprefix("ntk/alignment/"),
+            label=f"{keys[key].a},{keys[key].b}",
         )
     right.set(
         xlabel="optimizer step", ylabel="kernel alignment", title="Alignment between measurement kernels"
@@ -238,22 +248,19 @@ def data_growth(data_rows: list[dict]) -> Figure:
 def plot_run(run_dir: str | os.PathLike, formats: tuple[str, ...] = ("png", "pdf")) -> dict[str, str]:
     """Write every figure the run has data for into RUN_DIR/figures; returns {figure: "written" or
     the reason it was skipped}."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    dynamics = read_jsonl(run_dir / "dynamics.jsonl")
-    kernels = sorted((run_dir / "kernels").glob("step_*.safetensors"))
+    run = RunDir(run_dir)
+    if not run.root.is_dir():
+        raise FileNotFoundError(f"run directory {run.root} does not exist")
+    summary = read_json(run.summary) if run.summary.exists() else {}
     figures: dict[str, Callable[[], Figure]] = {
-        "co_improvement": lambda: co_improvement(read_jsonl(run_dir / "eval.jsonl")),
-        "dynamics_scatter": lambda: dynamics_scatter(dynamics),
-        "kernel_heatmaps": lambda: kernel_heatmaps(kernels),
-        "shared_kernel": lambda: shared_kernel(dynamics),
+        "co_improvement": lambda: co_improvement(read_jsonl(run.eval)),
+        "dynamics_scatter": lambda: dynamics_scatter(read_jsonl(run.dynamics)),
+        "kernel_heatmaps": lambda: kernel_heatmaps(run.kernel_files()),
+        "shared_kernel": lambda: shared_kernel(read_jsonl(run.ntk)),
         "non_unification": lambda: non_unification(summary),
-        "data_growth": lambda: data_growth(read_jsonl(run_dir / "data.jsonl")),
+        "data_growth": lambda: data_growth(read_jsonl(run.data_log)),
     }
-    out = run_dir / "figures"
+    out = run.figures
     out.mkdir(exist_ok=True)
     status = {}
     for name, make in figures.items():
@@ -268,14 +275,18 @@ def plot_run(run_dir: str | os.PathLike, formats: tuple[str, ...] = ("png", "pdf
     return status
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ntkdyn.plot RUN_DIR``: exit code 0, or 2 when RUN_DIR is not a directory."""
     parser = argparse.ArgumentParser(prog="python -m ntkdyn.plot", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a run directory of python -m ntkdyn.track")
     args = parser.parse_args(argv)
+    if not Path(args.run_dir).is_dir():
+        parser.error(f"run directory {args.run_dir} does not exist")
     for name, state in plot_run(args.run_dir).items():
         print(f"{name:<18} {state}")
-    print(f"figures in {Path(args.run_dir) / 'figures'}")
+    print(f"figures in {RunDir(args.run_dir).figures}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -36,104 +36,30 @@ temperature 1, so the probability mass it leaves on wrong cells compounds over L
 prompts with more constraints (counts, bindings, relations) leave more of it. Nothing corrupts
 generation: both branches train to convergence of the same budget.
 
-The result is cached in $NTKDYN_CACHE (default ~/.cache/ntkdyn) under toy-<hash of the recipe>
-and built by ``load_adapter("toy")`` the first time it is needed.
+The default recipe's weights ship with the package (ntkdyn/models/pretrained/toy/, made by this
+command on the machine its manifest.json names); ``load_adapter("toy")`` loads them and nothing ever
+pre-trains on the way. This command rebuilds a recipe into ``--out`` (default
+runs/pretrain/toy-<recipe hash>), with the recipe, the training log and a manifest (weights digest,
+torch, machine) beside the weights; use them with ``--model toy DIR``.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ntkdyn.cli import config_parser, parse_config
 from ntkdyn.models.toy import ToyAdapter
+from ntkdyn.models.toy_recipe import PretrainConfig, write_manifest
 from ntkdyn.world import Prompt, ShapesWorld
-
-
-@dataclass
-class PretrainConfig:
-    """The recipe: model size, budget, task mix and optimiser. Its hash names the cache entry."""
-
-    seed: int = 0
-    world_seed: int = 0
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 256
-    initializer_range: float = 0.09  # std of the initial weights (~1/sqrt(hidden); Llama's is 0.02)
-    steps: int = 2400
-    relation_warmup: int = 500  # first steps: understanding of relation minimal pairs only (0 = off)
-    gen_batch: int = 16
-    und_batch: int = 48
-    caption_batch: int = 16
-    ground_batch: int = 16  # grounded captions per step (0 = off)
-    lr: float = 1e-3
-    warmup: int = 100
-    weight_decay: float = 0.01
-    hard_start: float = 0.3
-    hard_end: float = 0.9
-    hard_ramp: float = 0.3
-    und_category_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.5, 2.5, 4.0)
-    negative_kind_weights: tuple[float, ...] = (3.0, 1.0, 1.0, 1.0, 1.0, 8.0)  # order: NEGATIVE_KINDS
-    threads: int = 2  # torch threads while training (float reductions, hence the weights, depend on it)
-
-    def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("seed", "world_seed", "warmup", "caption_batch", "ground_batch") and value < 0:
-                raise ValueError(f"PretrainConfig.{f.name} must be >= 0 (got {value})")
-            if (
-                f.name
-                in (
-                    "hidden_size",
-                    "num_layers",
-                    "num_heads",
-                    "intermediate_size",
-                    "steps",
-                    "gen_batch",
-                    "und_batch",
-                    "threads",
-                    "lr",
-                    "initializer_range",
-                )
-                and value <= 0
-            ):
-                raise ValueError(f"PretrainConfig.{f.name} must be > 0 (got {value})")
-        if not 0 <= self.relation_warmup < self.steps:
-            raise ValueError(
-                f"PretrainConfig needs 0 <= relation_warmup ({self.relation_warmup}) < steps ({self.steps})"
-            )
-        if self.und_batch % 2:
-            raise ValueError(f"PretrainConfig.und_batch must be even (minimal pairs), got {self.und_batch}")
-        for name in ("und_category_weights", "negative_kind_weights"):
-            weights = getattr(self, name)
-            if len(weights) != 6 or min(weights) < 0 or max(weights) <= 0:
-                raise ValueError(f"PretrainConfig.{name} needs 6 weights >= 0 (not all 0), got {weights}")
-        for name in ("hard_start", "hard_end", "hard_ramp", "weight_decay"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"PretrainConfig.{name} must lie in [0, 1] (got {getattr(self, name)})")
-
-    def recipe_hash(self) -> str:
-        """12 hex digits identifying the recipe (every field)."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
-
-
-def cache_dir(config: PretrainConfig) -> Path:
-    """$NTKDYN_CACHE/toy-<recipe hash>, $NTKDYN_CACHE defaulting to ~/.cache/ntkdyn."""
-    root = Path(os.environ.get("NTKDYN_CACHE") or Path.home() / ".cache" / "ntkdyn")
-    return root / f"toy-{config.recipe_hash()}"
 
 
 class TaskSampler:
@@ -212,15 +138,16 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[ToyAdapter,
     """
     threads_before = torch.get_num_threads()
     torch.set_num_threads(config.threads)
-    world = ShapesWorld(seed=config.world_seed)
+    size = config.model
+    world = ShapesWorld(seed=size.world_seed, grid_size=size.grid_size, cell_pixels=size.cell_pixels)
     adapter = ToyAdapter.build(
         world,
         seed=config.seed,
-        hidden_size=config.hidden_size,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        intermediate_size=config.intermediate_size,
-        initializer_range=config.initializer_range,
+        hidden_size=size.hidden_size,
+        num_layers=size.num_layers,
+        num_heads=size.num_heads,
+        intermediate_size=size.intermediate_size,
+        initializer_range=size.initializer_range,
     )
     model = adapter.model
     model.train()
@@ -294,45 +221,33 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[ToyAdapter,
     return adapter, log
 
 
-def pretrained_toy(config: PretrainConfig | None = None, progress: bool = True) -> ToyAdapter:
-    """The cached pre-trained toy of the recipe, pre-training and caching it first if needed."""
-    config = config or PretrainConfig()
-    target = cache_dir(config)
-    if not (target / "ntkdyn_toy.json").is_file():
-        print(f"pre-training the toy model (once) into {target}")
-        adapter, log = pretrain(config, progress=progress)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".toy-"))
-        adapter.save_pretrained(staging)
-        (staging / "pretrain_config.json").write_text(json.dumps(asdict(config), indent=1))
-        (staging / "pretrain_log.json").write_text(json.dumps(log, indent=1))
-        if target.exists():  # another process finished first: keep its copy
-            shutil.rmtree(staging)
-        else:
-            staging.rename(target)
-    return ToyAdapter.from_pretrained(target)
+def save(adapter: ToyAdapter, config: PretrainConfig, log: list[dict], directory: Path) -> None:
+    """The weights with the recipe (pretrain_config.json: the flat dict its hash is taken of), the
+    training log (pretrain_log.json) and the manifest (toy_recipe.write_manifest)."""
+    adapter.save_pretrained(directory)
+    (directory / "pretrain_config.json").write_text(json.dumps(config.recipe(), indent=1))
+    (directory / "pretrain_log.json").write_text(json.dumps(log, indent=1))
+    write_manifest(directory, config)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ntkdyn.pretrain", description=__doc__.split("\n\n")[0])
-    for f in fields(PretrainConfig):
-        if isinstance(f.default, tuple):
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=float, nargs="+", default=f.default)
-        else:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    parser.add_argument("--out", default=None, help="save here instead of the cache")
-    args = vars(parser.parse_args(argv))
-    out = args.pop("out")
-    config = PretrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
-    if out is None:
-        pretrained_toy(config)
-        print(f"toy model: {cache_dir(config)}")
-        return 0
-    adapter, log = pretrain(config)
-    adapter.save_pretrained(out)
-    (Path(out) / "pretrain_config.json").write_text(json.dumps(asdict(config), indent=1))
-    (Path(out) / "pretrain_log.json").write_text(json.dumps(log, indent=1))
-    print(f"toy model: {out} ({log[-1]['steps_per_s']:.2f} steps/s)")
+@dataclass
+class PretrainOptions:
+    """Options of ``python -m ntkdyn.pretrain``: the recipe, and where the weights go."""
+
+    recipe: PretrainConfig = field(default_factory=PretrainConfig, metadata={"cli_prefix": ""})
+    out: str | None = field(
+        default=None, metadata={"help": "where the weights go (default: runs/pretrain/toy-<recipe hash>)"}
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ntkdyn.pretrain``: exit code 0 (bad options exit with 2 before any work)."""
+    parser = config_parser(PretrainOptions, "python -m ntkdyn.pretrain", __doc__.split("\n\n")[0])
+    options = parse_config(parser, PretrainOptions, argv)
+    out = Path(options.out or f"runs/pretrain/toy-{options.recipe.recipe_hash()}")
+    adapter, log = pretrain(options.recipe)
+    save(adapter, options.recipe, log, out)
+    print(f"toy model: {out} ({log[-1]['steps_per_s']:.2f} steps/s); use it with --model toy {out}")
     return 0
 
 

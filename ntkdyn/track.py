@@ -2,39 +2,42 @@
 
     python -m ntkdyn.track --run {sft,dpo,curriculum} [--model NAME [PATH]] [--prompts P] [--out DIR]
         [--seed S] [--max-steps T] [--epochs E] [--rounds R] [--judge {self,oracle,none}] [--resume]
-        [--no-track] ...   (every option: --help)
+        [--no-track] [--track-every K] [--proj-kind KIND] [--proj-k K] ...   (every option: --help)
     torchrun --nproc-per-node 2 -m ntkdyn.track -- --run dpo ...   (DDP: gloo on CPU, nccl on GPU; the
         "--" keeps torchrun from reading --run as its own --run-path)
 
-1. evaluate the pre-trained model on eval prompts (the ``before`` metrics and its judged generations,
-   kept in the run directory); 2. build the tracker (unless --no-track); 3. train (ntkdyn.trainer.loop);
-4. write ``summary.json``: ``before`` and ``after`` (the keys of ntkdyn.evaluate plus the co-improvement
-   keys ``co/...``), ``delta``, ``co_degradation`` (both branches fell), and print a before/after table.
-Run directory: config.json, pretrained/{before.json,records.jsonl}, data/round_R.{safetensors,jsonl},
-the logs metrics.jsonl, eval.jsonl, data.jsonl (every top-level *.jsonl is a log, cut back to the
-checkpoint on resume), checkpoint.pt, summary.json (+ the tracker's files, dynamics.jsonl among them).
+0. parse and check the whole config tree (ntkdyn.config.RunConfig) and the run directory: every bad
+   option fails here, before any model is loaded; 1. evaluate the pre-trained model on eval prompts
+   (the ``before`` metrics and its judged generations, kept in the run directory); 2. build the
+   tracker (unless --no-track); 3. train (ntkdyn.trainer.loop.Trainer); 4. write ``summary.json``:
+   ``before`` and ``after`` (the keys of ntkdyn.evaluate plus the co-improvement keys ``co/...``),
+   ``delta``, ``co_degradation`` (both branches fell), ``dynamics`` and ``ntk`` (tracking), and print
+   a before/after table. The run directory's files: ntkdyn.rundir and ARCHITECTURE.md.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
 
-from ntkdyn.analysis.dynamics import TrackingConfig, read_jsonl
-from ntkdyn.evaluate import CandidateRecord, evaluate, read_prompts
+from ntkdyn.analysis.summary import mean_kernel_scalars
+from ntkdyn.cli import config_parser, parse_config
+from ntkdyn.co_improvement import co_improvement
+from ntkdyn.config import RunConfig, changed_options
+from ntkdyn.evaluate import CandidateRecord, EvalResult, evaluate, read_prompts
 from ntkdyn.models import load_adapter
+from ntkdyn.models.base import UnifiedAdapter
 from ntkdyn.plot import plot_run
-from ntkdyn.trainer.config import RunConfig, add_dataclass_arguments, build_parser, config_from_args
+from ntkdyn.rundir import RunDir, read_json, read_jsonl, write_json, write_jsonl
+from ntkdyn.shapes_probes import build_tracker
+from ntkdyn.trainer.checkpoint import check_checkpoint
 from ntkdyn.trainer.data import stratified_prompts
 from ntkdyn.trainer.distributed import Dist, init_distributed
-from ntkdyn.trainer.loop import co_improvement, train
-from ntkdyn.world import ShapesWorld
+from ntkdyn.trainer.loop import Trainer
+from ntkdyn.world import Prompt, ShapesWorld
 
 TABLE_KEYS = (
     "gen_alignment",
@@ -50,85 +53,72 @@ TABLE_KEYS = (
 )
 
 
-def parser() -> argparse.ArgumentParser:
-    """The CLI: RunConfig and its parts (ntkdyn.trainer.config) plus the tracker's TrackingConfig."""
-    p = build_parser()
-    add_dataclass_arguments(p.add_argument_group("TrackingConfig"), TrackingConfig)
-    return p
+def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
+    """The run's config from the command line, with its run directory checked (check_run_dir); a bad
+    option or directory exits with the usage error (code 2) before any model is loaded."""
+    parser = config_parser(
+        RunConfig,
+        "python -m ntkdyn.track",
+        "Self-improvement of a unified model (self-scored SFT/DPO, curriculum) with evaluation "
+        "before/after and learning-dynamics tracking.",
+    )
+    cfg = parse_config(parser, RunConfig, argv)
+    try:
+        check_run_dir(cfg)
+    except ValueError as err:
+        parser.error(str(err))
+    return cfg
 
 
 def check_run_dir(cfg: RunConfig) -> None:
-    """An --out holding a run needs --resume with the same configuration; otherwise it must be empty."""
-    run_dir = Path(cfg.out)
-    saved = run_dir / "config.json"
-    if saved.exists():
+    """An --out holding a run needs --resume with the same whole configuration and a checkpoint that
+    loads without unpickling; otherwise --out must be empty."""
+    run = RunDir(cfg.out)
+    if run.config.exists():
         if not cfg.resume:
             raise ValueError(
-                f"out: {run_dir} holds a run (config.json); pass --resume to continue it "
-                f"or choose another --out"
+                f"out: {run.root} holds a run (config.json); pass --resume to continue it "
+                "or choose another --out"
             )
-        old, new = flatten(json.loads(saved.read_text())), flatten(cfg.to_dict())
-        diff = sorted(k for k in old.keys() | new.keys() if k != "resume" and old.get(k) != new.get(k))
-        if diff:
+        changed = changed_options(read_json(run.config), cfg)
+        if changed:
             raise ValueError(
-                f"resume: the options {diff} differ from the run in {run_dir} (see its config.json)"
+                f"resume: options differ from the run in {run.root} (its config.json): " + "; ".join(changed)
             )
-    elif run_dir.exists() and any(run_dir.iterdir()) and not cfg.resume:
-        raise ValueError(f"out: {run_dir} is not empty and holds no run; choose another --out")
+        check_checkpoint(run.root)
+    elif run.root.exists() and any(run.root.iterdir()) and not cfg.resume:
+        raise ValueError(f"out: {run.root} is not empty and holds no run; choose another --out")
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
-    out = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def record_dict(r: CandidateRecord) -> dict:
-    """A judged generation as plain data (the form of the tracker's probes and pretrained/records.jsonl)."""
-    return {
-        "prompt": r.prompt.text,
-        "category": r.prompt.category,
-        "image": r.image.tolist(),
-        "p_yes": r.p_yes,
-        "verdict": r.verdict,
-        "oracle": r.oracle,
-        "parsed": r.parsed,
-    }
-
-
-def pretrained_evaluation(adapter, world: ShapesWorld, eval_prompts, cfg: RunConfig, dist: Dist):
-    """(before metrics, the pre-trained model's judged generations as CandidateRecords): computed on
-    rank 0 once, kept in the run directory (pretrained/before.json, pretrained/records.jsonl) for resuming."""
-    folder = Path(cfg.out) / "pretrained"  # not a top-level *.jsonl: those are logs, cut back on resume
-    before_path, records_path = folder / "before.json", folder / "records.jsonl"
-    if dist.is_main and not (cfg.resume and before_path.exists() and records_path.exists()):
-        folder.mkdir(parents=True, exist_ok=True)
-        result = evaluate(
-            adapter, world, eval_prompts, candidates=cfg.eval.eval_candidates, seed=cfg.train.seed
-        )
-        before = {**result.metrics, **co_improvement(adapter, result.records)}
-        with open(records_path.with_suffix(".tmp"), "w") as f:
-            f.writelines(json.dumps(record_dict(r)) + "\n" for r in result.records)
-        os.replace(records_path.with_suffix(".tmp"), records_path)
-        before_path.with_suffix(".tmp").write_text(json.dumps(before, indent=1))
-        os.replace(before_path.with_suffix(".tmp"), before_path)
+def pretrained_evaluation(
+    adapter: UnifiedAdapter, world: ShapesWorld, eval_prompts: Sequence[Prompt], cfg: RunConfig, dist: Dist
+) -> tuple[dict, list[CandidateRecord]]:
+    """(before metrics, the pre-trained model's judged generations): computed on rank 0 once, kept in
+    the run directory (pretrained/before.json, pretrained/records.jsonl) for resuming."""
+    run = RunDir(cfg.out)
+    done = run.pretrained_before.exists() and run.pretrained_records.exists()
+    if dist.is_main and not (cfg.resume and done):
+        run.pretrained_before.parent.mkdir(parents=True, exist_ok=True)
+        result = evaluate_model(adapter, world, eval_prompts, cfg)
+        write_jsonl(run.pretrained_records, (r.to_row() for r in result.records))
+        write_json(run.pretrained_before, {**result.metrics, **co_improvement(adapter, result.records)})
     dist.barrier()
-    before = json.loads(before_path.read_text())
-    rows = [json.loads(line) for line in records_path.read_text().splitlines()]
-    records = [
-        CandidateRecord(
-            prompt=world.parse_prompt(r["prompt"]),
-            image=torch.tensor(r["image"]),
-            p_yes=r["p_yes"],
-            verdict=r["verdict"],
-            oracle=r["oracle"],
-            parsed=r["parsed"],
-        )
-        for r in rows
-    ]
-    return before, records
+    records = [CandidateRecord.from_row(row, world) for row in read_jsonl(run.pretrained_records)]
+    return read_json(run.pretrained_before), records
+
+
+def evaluate_model(
+    adapter: UnifiedAdapter, world: ShapesWorld, eval_prompts: Sequence[Prompt], cfg: RunConfig
+) -> EvalResult:
+    """The run's evaluation (cfg.eval) of the adapter's current model on the eval prompts."""
+    return evaluate(
+        adapter,
+        world,
+        eval_prompts,
+        candidates=cfg.eval.eval_candidates,
+        seed=cfg.train.seed,
+        und_pairs=cfg.eval.eval_und_pairs,
+    )
 
 
 def summarize(before: dict, after: dict, cfg: RunConfig) -> dict:
@@ -166,12 +156,21 @@ def format_summary(summary: dict) -> str:
         lines.append("CO-DEGRADATION: generation alignment and understanding accuracy both fell")
     if "dynamics" in summary:
         lines.append("")
-        lines.append("predicted vs observed change of the probes (pearson; exact first order, features)")
+        lines.append("predicted vs observed change of the probes: Pearson [95% interval, probes resampled]")
+        lines.append("  exact    = grad f(o) . (real update)   a first-order Taylor step, not a kernel test")
+        lines.append("  features = <phi(o), P (real update)>   the same through the projection")
+        lines.append("  sgd      = -lr sum_u K(o, u) / B       the kernel alone, as if the step were SGD")
+
+        def with_ci(stats: dict) -> str:
+            if stats.get("pearson") is None:
+                return f"{'-':>22}"
+            lo, hi = (f"{x:.3f}" if x is not None else "nan" for x in stats["pearson_ci"])
+            return f"{stats['pearson']:6.3f} [{lo}, {hi}]"
+
         for branch, stats in summary["dynamics"].items():
-            features = stats.get("features", {}).get("pearson")
             lines.append(
-                f"  {branch:<8} exact {cell(stats.get('pearson'))}  features {cell(features)}  "
-                f"sign agreement {cell(stats.get('sign_agreement'))}  n={stats.get('n')}"
+                f"  {branch:<4} exact {with_ci(stats)}  features {with_ci(stats.get('features', {}))}  "
+                f"sgd {with_ci(stats.get('sgd', {}))}  n={stats.get('n')} ({stats.get('clusters')} probes)"
             )
         lines.append("shared eNTK, mean over tracked steps")
         for key, value in summary["ntk"].items():
@@ -179,29 +178,19 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def mean_ntk_scalars(run_dir: Path) -> dict:
-    """Mean over tracked steps of the shared-kernel scalars of dynamics.jsonl's ntk rows
-    (ntk/cross_cos/* and ntk/alignment/* without a per-category suffix)."""
-    rows = [r for r in read_jsonl(run_dir / "dynamics.jsonl") if r.get("kind") == "ntk"]
-    keys = [k for k in (rows[0] if rows else {}) if k.startswith(("ntk/cross_cos/", "ntk/alignment/"))]
-    return {k: sum(r[k] for r in rows) / len(rows) for k in keys if k.count("/") == 2}
-
-
-def main(argv: list[str] | None = None) -> dict:
-    p = parser()
-    args = p.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        check_run_dir(cfg)
-    except ValueError as err:
-        p.error(str(err))
+def run(cfg: RunConfig) -> dict:
+    """Run (or resume) the run of ``cfg`` (checked by parse_args); returns its summary."""
     start = time.time()
     torch.set_num_threads(cfg.threads)
     dist = init_distributed()
-    run_dir = Path(cfg.out)
+    if cfg.train.batch_size % dist.world_size:
+        raise ValueError(
+            f"batch_size: {cfg.train.batch_size} is not divisible by the {dist.world_size} processes"
+        )
+    run_dir = RunDir(cfg.out)
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        run_dir.root.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir.config, cfg.to_dict())
     adapter = load_adapter(*cfg.model)
     adapter.model.to(dist.device)
     world = getattr(adapter, "world", None) or ShapesWorld(seed=0)
@@ -214,35 +203,37 @@ def main(argv: list[str] | None = None) -> dict:
 
     hooks = []
     if cfg.track:
-        # ---- the learning-dynamics tracker (issue 5) is built here -------------------------------
-        from ntkdyn.analysis.dynamics import build_tracker
+        records = [r.to_row() for r in pretrained_records]
+        hooks.append(build_tracker(adapter, world, run_dir.root, cfg.tracking, records, dist.is_main))
 
-        hooks.append(
-            build_tracker(adapter, world, run_dir, args, [record_dict(r) for r in pretrained_records])
-        )
-        # ----------------------------------------------------------------------------------------------
+    def evaluate_fn(model_adapter: UnifiedAdapter) -> dict:
+        metrics = evaluate_model(model_adapter, world, eval_prompts, cfg).metrics
+        return {**metrics, **co_improvement(model_adapter, pretrained_records)}
 
-    def evaluate_fn(model_adapter) -> dict:
-        result = evaluate(
-            model_adapter, world, eval_prompts, candidates=cfg.eval.eval_candidates, seed=cfg.train.seed
-        )
-        return {**result.metrics, **co_improvement(model_adapter, pretrained_records)}
-
-    final = train(adapter, world, prompts, cfg, dist, evaluate_fn, before, hooks)
+    trainer = Trainer(
+        adapter, world, prompts, cfg.train, cfg.data, run_dir.root, evaluate_fn, dist=dist, hooks=hooks
+    )
+    final = trainer.train(before, resume=cfg.resume)
     summary = summarize(before, {k: v for k, v in final.items() if k != "step"}, cfg)
     summary.update(steps=final["step"], wall_s=time.time() - start)
     if hooks:
         summary["dynamics"] = hooks[0].summary()
-        summary["ntk"] = mean_ntk_scalars(run_dir)
+        summary["ntk"] = mean_kernel_scalars(read_jsonl(run_dir.ntk))
     if dist.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_json(run_dir.summary, summary)
         print(format_summary(summary))
-        plot_run(run_dir)
-        print(f"run directory: {run_dir} (figures in {run_dir / 'figures'})")
+        plot_run(run_dir.root)
+        print(f"run directory: {run_dir.root} (figures in {run_dir.figures})")
     if dist.enabled:
         torch.distributed.destroy_process_group()
     return summary
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ntkdyn.track``: exit code 0 (bad options exit with 2 before any model is loaded)."""
+    run(parse_args(argv))
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(main())

@@ -3,6 +3,8 @@ adapter (Janus, Emu3) must have, a tiny eager Llama, and a tolerant comparison o
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -65,6 +67,11 @@ class AdapterContract:
         for n, g in zip(sorted(shared), grads, strict=True):
             assert torch.isfinite(g).all() and g.abs().sum() > 0, n
 
+    def test_measurements_run_the_model_they_are_given(self, adapter, images):
+        """fn(model, batch) measures ``model``, not the adapter's own: the same as an adapter whose own
+        model it is, and not the adapter's model."""
+        check_measurements_run_the_given_model(adapter, {"prompts": PROMPTS, "images": images})
+
     @pytest.mark.parametrize("name", ["gen", "und", "caption"])
     def test_projector_accepts_measurements(self, adapter, images, name):
         """With k above every axis size the Kronecker features are the exact per-sample gradients on
@@ -99,6 +106,25 @@ class AdapterContract:
         judged = adapter.encode(pixels) if self.judge_encoded_pixels else flat
         verdict = adapter.judge(judged, [p for p in PROMPTS for _ in range(2)])
         assert verdict.p_yes.shape == (4,) and ((verdict.p_yes > 0) & (verdict.p_yes < 1)).all()
+
+
+def check_measurements_run_the_given_model(adapter: UnifiedAdapter, batch: dict) -> None:
+    """Every measurement fn(model, batch) with a perturbed copy of the model equals that of a copy of
+    the adapter that owns the perturbed model, and differs from the adapter's own measurement."""
+    other = copy.deepcopy(adapter.model)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    owner = copy.copy(adapter)
+    owner.model = other
+    for name in ("gen", "und", "caption"):
+        with torch.no_grad():
+            given = adapter.measurement(name)(other, batch)
+            own = owner.measurement(name)(owner.model, batch)
+            original = adapter.measurement(name)(adapter.model, batch)
+        torch.testing.assert_close(given, own, rtol=0, atol=0)
+        assert not torch.allclose(given, original), name
 
 
 # ---------------------------------------------------------------- models

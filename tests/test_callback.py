@@ -25,8 +25,9 @@ from transformers import (  # noqa: E402
 )
 
 import ntkdyn  # noqa: E402
-from ntkdyn.analysis.dynamics import read_jsonl, summarize_dynamics  # noqa: E402
-from ntkdyn.analysis.metrics import pearson  # noqa: E402
+from ntkdyn.analysis.statistics import pearson  # noqa: E402
+from ntkdyn.analysis.summary import summarize_dynamics  # noqa: E402
+from ntkdyn.rundir import read_jsonl  # noqa: E402
 
 WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "yes", "no", "red", "blue", "circle", "square", "a", "the", "is"]
 
@@ -86,9 +87,11 @@ def lm_per_sample_loss(model, inputs):
 
 
 def check_rows(out_dir, steps, sgd_tol=1e-3):
-    rows = read_jsonl(out_dir / "dynamics.jsonl")
-    probe_rows = [r for r in rows if r["kind"] == "probe"]
-    assert sorted({r["step"] for r in rows}) == steps
+    probe_rows = read_jsonl(out_dir / "dynamics.jsonl")
+    assert sorted({r["step"] for r in probe_rows}) == sorted(
+        {r["step"] for r in read_jsonl(out_dir / "ntk.jsonl")}
+    )
+    assert sorted({r["step"] for r in probe_rows}) == steps
     assert {r["measurement"] for r in probe_rows} == {"gen", "und"}
     predicted = torch.tensor([r["predicted"] for r in probe_rows])
     observed = torch.tensor([r["observed"] for r in probe_rows])
@@ -103,7 +106,7 @@ def check_rows(out_dir, steps, sgd_tol=1e-3):
     # first order agrees with the observed change
     assert pearson(predicted, observed) > 0.99
     assert (predicted - observed).abs().max() < 0.1 * scale
-    summary = summarize_dynamics(rows)
+    summary = summarize_dynamics(probe_rows)
     assert summary["gen"]["pearson"] > 0.99 and summary["und"]["pearson"] > 0.99
     return probe_rows
 
@@ -142,6 +145,43 @@ def test_callback_in_trainer_with_gradient_accumulation(tmp_path):
     rows = check_rows(tmp_path / "run", [2, 4])
     # both micro-batches of the step (2 x 2 samples) are training samples of the kernel form
     assert max(u for r in rows for u, _ in r["top_train"]) == 3
+
+
+def test_resumed_trainer_continues_the_rows(tmp_path):
+    """A trainer killed after its step-2 checkpoint wrote rows up to step 3; resumed from the checkpoint,
+    the rows of step 3 are dropped and written again: steps 1..4 once each, as in one uninterrupted run."""
+    ids = torch.randint(4, len(WORDS), (8, 6), generator=torch.Generator().manual_seed(0))
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+    def trained(max_steps, resume=None):
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "hf"),
+            per_device_train_batch_size=2,
+            max_steps=max_steps,
+            learning_rate=0.01,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            save_strategy="steps",
+            save_steps=2,
+            report_to="none",
+            logging_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(model=tiny_llama(), args=args, train_dataset=data)
+        cb = ntkdyn.NTKDynamicsCallback(
+            probes=probes(), out_dir=tmp_path / "run", every=1, config=ntkdyn.ProjectionConfig(kind="exact")
+        )
+        cb.attach(trainer)
+        trainer.train(resume_from_checkpoint=resume)
+
+    trained(3)  # checkpoint-2, then step 3: its rows stand for the work lost in a kill
+    assert sorted({r["step"] for r in read_jsonl(tmp_path / "run" / "ntk.jsonl")}) == [1, 2, 3]
+    trained(4, resume=str(tmp_path / "hf" / "checkpoint-2"))
+    probe_rows = read_jsonl(tmp_path / "run" / "dynamics.jsonl")
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "ntk.jsonl")] == [1, 2, 3, 4]
+    assert [r["step"] for r in probe_rows] == sorted(r["step"] for r in probe_rows)
+    assert len(probe_rows) == 4 * 10  # 5 gen + 5 und probes per step, none twice
 
 
 def test_callback_without_attach_fails_clearly(tmp_path):

@@ -11,8 +11,9 @@ from helpers import assert_same_values
 from safetensors.torch import load_file
 
 from ntkdyn.models.toy import ToyAdapter
-from ntkdyn.track import main
-from ntkdyn.trainer.checkpoint import read_jsonl
+from ntkdyn.rundir import read_jsonl
+from ntkdyn.state_file import load_state
+from ntkdyn.track import parse_args, run
 from ntkdyn.trainer.data import collect_candidates, stratified_prompts
 from ntkdyn.trainer.distributed import Dist
 
@@ -53,7 +54,7 @@ def test_two_processes_equal_one(tmp_path):
     ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = main([*args, "--out", str(one)])
+    summary = run(parse_args([*args, "--out", str(one)]))
 
     data_one, data_two = (
         load_file(str(one / "data" / "round_0.safetensors")),
@@ -69,8 +70,8 @@ def test_two_processes_equal_one(tmp_path):
         for a, b in zip(rows_one, rows_two, strict=True):
             assert_same_values(a, b)
     assert summary["steps"] == 3
-    model_one = torch.load(one / "checkpoint.pt", weights_only=False)["model"]
-    model_two = torch.load(two / "checkpoint.pt", weights_only=False)["model"]
+    model_one = load_state(one / "checkpoint.safetensors")["model"]
+    model_two = load_state(two / "checkpoint.safetensors")["model"]
     moved = ToyAdapter.tiny().model.state_dict()
     assert any(not torch.allclose(moved[k], model_one[k]) for k in moved)
     for k in model_one:

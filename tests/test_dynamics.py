@@ -1,6 +1,6 @@
 """The learning-dynamics tracker: the exact first-order predictor against finite differences,
 predicted vs observed change in a hand-written loop (plain API) on the toy unified model, the
-logged kernels against exact_ntk, probes, statistics and the resume helper."""
+logged kernels against exact_ntk, probes, statistics and the tracker's resume truncation."""
 
 from __future__ import annotations
 
@@ -12,25 +12,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ntkdyn import ProjectionConfig, exact_ntk
-from ntkdyn.analysis.dynamics import (
-    DynamicsTracker,
-    TrackingConfig,
-    first_order_change,
-    read_jsonl,
-    summarize_dynamics,
-    truncate_dynamics,
-)
-from ntkdyn.analysis.metrics import (
-    agreement,
-    cosine_normalise,
-    kernel_alignment,
-    pearson,
-    sign_agreement,
-    slope,
-    spearman,
-)
-from ntkdyn.analysis.probes import ProbeGroup, load_probes, probe_groups, save_probes, select_probes
+from ntkdyn.analysis.measuring import first_order_change
+from ntkdyn.analysis.probes import ProbeGroup
+from ntkdyn.analysis.statistics import cosine_normalise, kernel_alignment, pearson
+from ntkdyn.analysis.summary import summarize_dynamics
+from ntkdyn.analysis.tracker import DynamicsTracker
 from ntkdyn.models.toy import ToyAdapter
+from ntkdyn.rundir import RunDir, kernel_key, ntk_key, read_jsonl, truncate_tracking
+from ntkdyn.shapes_probes import load_probes, probe_groups, save_probes, select_probes
 
 
 def float64_llama() -> LlamaForCausalLM:
@@ -172,9 +161,9 @@ def test_tracker_in_hand_written_loop(tmp_path, optimizer):
         rows = tracker.after_step(step, model, lr)
         assert model.training and len(rows) == (sum(len(g.labels) for g in groups) if step % 2 == 0 else 0)
 
-    rows = read_jsonl(tmp_path / "dynamics.jsonl")
-    probe_rows = [r for r in rows if r["kind"] == "probe"]
-    assert {r["step"] for r in rows} == {2, 4}
+    probe_rows = read_jsonl(tmp_path / "dynamics.jsonl")
+    ntk_rows = read_jsonl(tmp_path / "ntk.jsonl")
+    assert {r["step"] for r in probe_rows} == {r["step"] for r in ntk_rows} == {2, 4}
     assert {"step", "measurement", "probe", "category", "predicted", "predicted_features", "observed"} <= set(
         probe_rows[0]
     )
@@ -191,7 +180,8 @@ def test_tracker_in_hand_written_loop(tmp_path, optimizer):
                 assert sum(c for _, c in r["top_train"]) == pytest.approx(
                     r["predicted_sgd"], rel=1e-4, abs=1e-7
                 )
-    summary = summarize_dynamics(rows)
+    summary = summarize_dynamics(probe_rows)
+    assert summary == tracker.summary()
     assert set(summary) == {"gen", "und"}
     for branch in ("gen", "und"):
         assert summary[branch]["pearson"] > 0.99
@@ -202,15 +192,18 @@ def test_tracker_in_hand_written_loop(tmp_path, optimizer):
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "kernels" / "step_000002.safetensors"), "pt") as f:
-        k_und_gen = f.get_tensor("K/und,gen")
-        k_cos = f.get_tensor("Kcos/gen,gen")
+        k_und_gen = f.get_tensor(kernel_key("K", "und", "gen"))
+        k_cos = f.get_tensor(kernel_key("Kcos", "gen", "gen"))
         labels = json.loads(f.metadata()["labels"])
     # gen and und probes are the same pairs in the same order: the shared block's diagonal is per pair
     assert labels["gen"] == labels["und"] == groups[0].labels
     torch.testing.assert_close(torch.diagonal(k_cos), torch.ones(k_cos.shape[0]), atol=1e-5, rtol=0)
     assert k_und_gen.shape == (len(labels["und"]), len(labels["gen"]))
-    ntk_rows = [r for r in rows if r["kind"] == "ntk"]
-    assert -1 <= ntk_rows[0]["ntk/cross_cos/und,gen"] <= 1 and 0 <= ntk_rows[0]["ntk/alignment/und,gen"] <= 1
+    cross_cos, alignment = (
+        ntk_rows[0][ntk_key("cross_cos", "und", "gen")],
+        ntk_rows[0]["ntk/alignment/und,gen"],
+    )
+    assert -1 <= cross_cos <= 1 and 0 <= alignment <= 1
 
 
 def test_logged_kernel_equals_exact_ntk(tmp_path):
@@ -231,42 +224,30 @@ def test_logged_kernel_equals_exact_ntk(tmp_path):
     from safetensors.torch import load_file
 
     kernels = load_file(str(tmp_path / "kernels" / "step_000001.safetensors"))
-    assert "K/train,gen" not in kernels
-    torch.testing.assert_close(kernels["K/und,gen"], expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
-
-
-def test_truncate_dynamics_and_torn_lines(tmp_path):
-    rows = [{"kind": "probe", "step": s, "x": i} for s in (1, 2, 3) for i in range(2)]
-    (tmp_path / "kernels").mkdir()
-    for s in (1, 2, 3):
-        (tmp_path / "kernels" / f"step_{s:06d}.safetensors").write_bytes(b"x")
-    path = tmp_path / "dynamics.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "pro')  # killed mid-row
-    assert read_jsonl(path) == rows
-    truncate_dynamics(tmp_path, 2)
-    assert read_jsonl(path) == [r for r in rows if r["step"] <= 2]
-    assert sorted(p.name for p in (tmp_path / "kernels").iterdir()) == [
-        "step_000001.safetensors",
-        "step_000002.safetensors",
-    ]
-
-
-def test_metrics_against_direct_formulas():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(50, generator=g, dtype=torch.float64)
-    y = 0.7 * x + 0.3 * torch.randn(50, generator=g, dtype=torch.float64)
-    assert pearson(x, y) == pytest.approx(float(torch.corrcoef(torch.stack([x, y]))[0, 1]), abs=1e-12)
-    # no ties: Spearman = 1 - 6 Σ d² / (n (n² - 1))
-    d = (x.argsort().argsort() - y.argsort().argsort()).double()
-    assert spearman(x, y) == pytest.approx(1 - 6 * float((d**2).sum()) / (50 * (50**2 - 1)), abs=1e-12)
-    # ties share their mean rank
-    assert spearman(torch.tensor([1.0, 2.0, 2.0, 3.0]), torch.tensor([1.0, 2.5, 2.5, 4.0])) == pytest.approx(
-        1.0
+    assert kernel_key("K", "train", "gen") not in kernels
+    torch.testing.assert_close(
+        kernels[kernel_key("K", "und", "gen")], expected, rtol=1e-4, atol=1e-4 * expected.abs().max()
     )
-    solution = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), y[:, None]).solution
-    assert slope(x, y) == pytest.approx(float(solution[0, 0]), abs=1e-10)
-    assert sign_agreement(torch.tensor([1.0, -2.0, 3.0, 0.0]), torch.tensor([2.0, 1.0, 1.0, 0.0])) == 0.75
-    assert agreement(x, y)["n"] == 50
+
+
+def test_truncate_tracking_and_torn_lines(tmp_path):
+    run = RunDir(tmp_path)
+    rows = [{"step": s, "x": i} for s in (1, 2, 3) for i in range(2)]
+    run.kernels.mkdir()
+    for s in (1, 2, 3):
+        run.kernel_file(s).write_bytes(b"x")
+    run.dynamics.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "x"')  # killed mid-row
+    run.ntk.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+    assert read_jsonl(run.dynamics) == rows
+    truncate_tracking(run, 2)
+    assert read_jsonl(run.dynamics) == [r for r in rows if r["step"] <= 2]
+    assert read_jsonl(run.ntk) == [{"step": 1}, {"step": 2}]
+    assert [p.name for p in run.kernel_files()] == ["step_000001.safetensors", "step_000002.safetensors"]
+
+
+def test_kernel_statistics_against_direct_formulas():
+    """(Agreement statistics and their intervals: tests/test_statistics.py.)"""
+    g = torch.Generator().manual_seed(0)
     feats = torch.randn(6, 9, generator=g, dtype=torch.float64)
     k = feats @ feats.T
     cos = cosine_normalise(k, torch.diagonal(k), torch.diagonal(k))
@@ -276,18 +257,22 @@ def test_metrics_against_direct_formulas():
     other = torch.randn(6, 6, generator=g, dtype=torch.float64)
     expected = float((k * other).sum() / (k.norm() * other.norm()))
     assert kernel_alignment(k, other) == pytest.approx(expected)
-    with pytest.raises(ValueError, match="3 values but y has 2"):
-        pearson(torch.ones(3), torch.ones(2))
+    centred = [m - m.mean(0) - m.mean(1, keepdim=True) + m.mean() for m in (k, other)]
+    expected = float((centred[0] * centred[1]).sum() / (centred[0].norm() * centred[1].norm()))
+    assert kernel_alignment(k, other, centered=True) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="differ"):
+        kernel_alignment(k, other[:5])
 
 
 def test_summary_pools_branches_and_categories():
     rows = [
         {
-            "kind": "probe",
             "step": s,
             "branch": b,
             "measurement": m,
             "category": c,
+            "group": f"{m}/{c}",
+            "probe": f"{c}/{i}",
             "observed": o,
             "predicted": o * 1.1 + 0.01 * s,
             "predicted_features": o,
@@ -296,9 +281,12 @@ def test_summary_pools_branches_and_categories():
         for s in (1, 2)
         for b, m in (("gen", "gen"), ("und", "und"), ("und", "caption"))
         for c in ("aligned", "false_positive")
-        for o in (0.1 * s, -0.2, 0.05 * s)
+        for i, o in enumerate((0.1 * s, -0.2, 0.05 * s))
     ]
-    summary = summarize_dynamics(rows + [{"kind": "ntk", "step": 1}])
+    summary = summarize_dynamics(rows)
+    assert summary["und"]["clusters"] == 12 and summary["gen"]["clusters"] == 6  # probes, not rows
+    lo, hi = summary["und"]["pearson_ci"]
+    assert lo <= summary["und"]["pearson"] <= hi
     und = [r for r in rows if r["branch"] == "und"]
     assert summary["und"]["pearson"] == pytest.approx(
         pearson(torch.tensor([r["predicted"] for r in und]), torch.tensor([r["observed"] for r in und]))
@@ -310,16 +298,14 @@ def test_summary_pools_branches_and_categories():
 
 
 def test_bad_configuration_is_named():
-    with pytest.raises(ValueError, match="track_every"):
-        TrackingConfig(track_every=0)
-    with pytest.raises(ValueError, match="proj_kind"):
-        TrackingConfig(proj_kind="sparse")
     model = float64_llama()
     group = ProbeGroup("gen", sequence_logprob, {"input_ids": torch.zeros(1, 3, dtype=torch.long)})
     with pytest.raises(ValueError, match="unique"):
         DynamicsTracker(model, [group, group], "/tmp/unused-ntkdyn", every=1)
     with pytest.raises(ValueError, match="every"):
         DynamicsTracker(model, [group], "/tmp/unused-ntkdyn", every=0)
+    with pytest.raises(ValueError, match="'gen/x' cannot be part of a key"):
+        ProbeGroup("g", sequence_logprob, {}, measurement="gen/x")
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -359,7 +345,7 @@ def test_ddp_gathers_training_features_and_rank0_writes(tmp_path):
     torch.multiprocessing.start_processes(
         _ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "run")), nprocs=2, start_method="spawn"
     )
-    rows = [r for r in read_jsonl(tmp_path / "run" / "dynamics.jsonl") if r["kind"] == "probe"]
+    rows = read_jsonl(tmp_path / "run" / "dynamics.jsonl")
     assert len(rows) == 4  # one writer
     assert {u for r in rows for u, _ in r["top_train"]} <= set(range(6))
     assert max(u for r in rows for u, _ in r["top_train"]) >= 3  # rank 1's samples are in the kernel form

@@ -7,16 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from ntkdyn.evaluate import (
-    METRIC_KEYS,
-    evaluate,
-    main,
-    oracle_of_images,
-    read_prompts,
-    resize_pixels,
-    world_images,
-)
+from ntkdyn.evaluate import METRIC_KEYS, CandidateRecord, evaluate, main, read_prompts
 from ntkdyn.models.base import Judgement
+from ntkdyn.models.scenes import oracle_of_images, resize_pixels, world_images
 from ntkdyn.models.toy import ToyAdapter
 
 
@@ -133,12 +126,28 @@ def test_bad_prompts_files_are_rejected(toy, tmp_path, content, message):
 
 
 def test_cli_errors(tmp_path, capsys):
-    assert main(["--model", "nope"]) == 2
-    assert "unknown model 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "nope"])
+    assert exit_.value.code == 2 and "unknown model 'nope'" in capsys.readouterr().err
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     assert main(["--model", "toy-tiny", "--prompts", str(empty)]) == 2
     assert "holds no prompts" in capsys.readouterr().err
+    assert main(["--model", "toy", str(tmp_path)]) == 2  # a directory without a toy model
+    assert "holds no toy model" in capsys.readouterr().err
+
+
+def test_records_round_trip_as_rows(toy, result):
+    rows = [r.to_row() for r in result.records]
+    back = [CandidateRecord.from_row(row, toy.world) for row in rows]
+    for r, b in zip(result.records, back, strict=True):
+        assert torch.equal(r.image, b.image) and (r.prompt, r.p_yes, r.verdict, r.oracle, r.parsed) == (
+            b.prompt,
+            b.p_yes,
+            b.verdict,
+            b.oracle,
+            b.parsed,
+        )
 
 
 class _ToyAt96px(ToyAdapter):

@@ -4,11 +4,8 @@ reference against a float64 token-by-token formula."""
 import pytest
 import torch
 
-from ntkdyn.kernels.kron_projection import (
-    kron_projection,
-    kron_projection_reference,
-    kron_projection_triton,
-)
+from ntkdyn.kernels.kron_projection import kron_projection, kron_projection_reference
+from ntkdyn.kernels.kron_projection_triton import kron_projection_triton
 
 # (B, T, DX, DY, KX, KY): DX = d_out (output-gradient side), DY = d_in (activation side)
 SHAPES = [
@@ -90,3 +87,13 @@ def test_triton_on_cpu_without_interpreter_fails_clearly(monkeypatch):
         kron_projection(x, y, px, py, mask, implementation="triton")
     with pytest.raises(ValueError, match="implementation"):
         kron_projection(x, y, px, py, mask, implementation="cuda")
+
+
+def test_float64_inputs_stay_float64_on_every_implementation():
+    """kind="exact" on a float64 model: the reference computes in float64 (the kernel is float32-only)."""
+    x, y, px, py, mask = make_inputs((2, 13, 20, 45, 16, 16), torch.float64)
+    expected = token_loop_float64(x, y, px, py, mask)
+    for implementation in ("torch", "triton"):
+        out = kron_projection(x, y, px, py, mask, implementation=implementation)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)

@@ -9,13 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from ntkdyn.co_improvement import co_improvement
 from ntkdyn.models.toy import ToyAdapter
-from ntkdyn.track import main
-from ntkdyn.trainer.checkpoint import read_jsonl
-from ntkdyn.trainer.config import DataConfig, RunConfig, TrainConfig
+from ntkdyn.rundir import read_jsonl
+from ntkdyn.trainer.config import DataConfig, TrainConfig
 from ntkdyn.trainer.data import collect_candidates, stratified_prompts
 from ntkdyn.trainer.distributed import Dist
-from ntkdyn.trainer.loop import co_improvement, learning_rate, stream_indices, train
+from ntkdyn.trainer.loop import Trainer, learning_rate, stream_indices
 from ntkdyn.trainer.losses import make_loss_fn, objective_terms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -61,7 +61,7 @@ class Recorder:
         self.calls[-1].update(after=copy.deepcopy(model.state_dict()), lr=lr, after_step=step)
 
 
-def _cfg(tmp_path, **train):
+def _configs(**train):
     t = dict(
         run="sft",
         max_steps=2,
@@ -75,11 +75,7 @@ def _cfg(tmp_path, **train):
         checkpoint_every=1,
     )
     t.update(train)
-    return RunConfig(
-        out=str(tmp_path),
-        train=TrainConfig(**t),
-        data=DataConfig(judge="none", prompts="6", candidates=2, gen_batch=3),
-    )
+    return TrainConfig(**t), DataConfig(judge="none", prompts="6", candidates=2, gen_batch=3)
 
 
 def test_one_step_equals_a_hand_made_adamw_step_on_the_hook_batch(tmp_path):
@@ -87,8 +83,11 @@ def test_one_step_equals_a_hand_made_adamw_step_on_the_hook_batch(tmp_path):
     reference = ToyAdapter.tiny(seed=0)
     prompts = stratified_prompts(adapter.world, "train", 6, seed=0)
     recorder = Recorder(adapter)
-    cfg = _cfg(tmp_path)
-    out = train(adapter, adapter.world, prompts, cfg, Dist(), lambda a: {"m": 1.0}, {"m": 0.0}, [recorder])
+    train, data = _configs()
+    trainer = Trainer(
+        adapter, adapter.world, prompts, train, data, tmp_path, lambda a: {"m": 1.0}, hooks=[recorder]
+    )
+    out = trainer.train({"m": 0.0})
     assert out == {"step": 2, "m": 1.0}
     first = recorder.calls[0]
     assert first["step"] == first["after_step"] == 1 and first["lr"] == 0.05
@@ -124,12 +123,9 @@ def test_curriculum_revisits_exactly_the_discard_pool(tmp_path):
     )
     best = probe.p_yes.max(1).values.sort().values
     threshold = float((best[5] + best[6]) / 2)  # half of the prompts get no accepted candidate in round 0
-    cfg = RunConfig(
-        out=str(tmp_path),
-        train=TrainConfig(run="curriculum", rounds=3, max_steps=6, batch_size=4, micro_batch_size=4, lr=0.01),
-        data=DataConfig(judge="self", accept_threshold=threshold, prompts="12", candidates=3, gen_batch=4),
-    )
-    train(adapter, adapter.world, prompts, cfg, Dist(), lambda a: {}, {})
+    train = TrainConfig(run="curriculum", rounds=3, max_steps=6, batch_size=4, micro_batch_size=4, lr=0.01)
+    data = DataConfig(judge="self", accept_threshold=threshold, prompts="12", candidates=3, gen_batch=4)
+    Trainer(adapter, adapter.world, prompts, train, data, tmp_path, lambda a: {}).train({})
     rows = read_jsonl(tmp_path / "data.jsonl")
     assert [r["kind"] for r in rows] == ["collect", "curriculum", "curriculum"]
     assert rows[0]["pool"] == 6 and rows[0]["prompts"] == 12
@@ -174,31 +170,3 @@ def test_co_improvement_counts_against_the_oracle():
     assert got["co/fn_accepted"] == pytest.approx(sum(c[0] == 1 for c in fn) / len(fn))
     assert got["co/und_win"] == pytest.approx(sum(bool(c[0]) == c[2] for c in changed) / len(changed))
     assert got["co/judge_accuracy"] == pytest.approx(sum(bool(c[0]) == c[2] for c in cases) / len(cases))
-
-
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["--run", "dpo", "--beta", "0"], "beta"),
-        (["--run", "dpo", "--candidates", "1"], "candidates"),
-        (["--run", "ppo"], "invalid choice"),
-        (["--run", "dpo", "--judge", "none"], "judge"),
-        (["--run", "sft", "--lr", "-1"], "lr"),
-    ],
-)
-def test_bad_configs_fail_before_any_work(tmp_path, capsys, args, message):
-    out = tmp_path / "run"
-    with pytest.raises(SystemExit):
-        main([*args, "--out", str(out), "--no-track"])
-    assert message in capsys.readouterr().err
-    assert not out.exists()
-
-
-def test_out_dir_holding_another_run_needs_resume(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps(RunConfig(out=str(tmp_path)).to_dict()))
-    with pytest.raises(SystemExit):
-        main(["--run", "sft", "--out", str(tmp_path), "--no-track"])
-    assert "holds a run" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--run", "sft", "--out", str(tmp_path), "--no-track", "--resume", "--beta", "0.2"])
-    assert "differ" in capsys.readouterr().err

@@ -84,3 +84,17 @@ def test_sft_objective_is_per_token_nll_and_its_gradient_is_the_mean_of_per_samp
     for i, g in enumerate(mean_grad):
         want = sum(s[i] for s in per_sample_grads) / 4
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
+
+
+def test_every_term_runs_the_model_it_is_given():
+    """terms(model, batch) with another module equals the terms of an adapter that owns that module."""
+    adapter, other = ToyAdapter.tiny(seed=0), ToyAdapter.tiny(seed=3)
+    batch = _batch(adapter, 3)
+    batch["ref_chosen"], batch["ref_rejected"] = torch.zeros(3), torch.zeros(3)
+    for objective in ("sft", "dpo"):
+        given = objective_terms(adapter, objective, nll_weight=0.5, replay_weight=1.0)(other.model, batch)
+        owned = objective_terms(other, objective, nll_weight=0.5, replay_weight=1.0)(other.model, batch)
+        mine = objective_terms(adapter, objective, nll_weight=0.5, replay_weight=1.0)(adapter.model, batch)
+        for name in given:
+            torch.testing.assert_close(given[name], owned[name], rtol=0, atol=0)
+        assert not torch.allclose(given["loss"], mine["loss"])

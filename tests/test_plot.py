@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 from test_dynamics import toy_probes, train_batch
 
 from ntkdyn import ProjectionConfig
-from ntkdyn.analysis.dynamics import DynamicsTracker, read_jsonl
-from ntkdyn.analysis.probes import probe_groups
+from ntkdyn.analysis.tracker import DynamicsTracker
 from ntkdyn.models.toy import ToyAdapter
-from ntkdyn.plot import _probe_kernel, co_improvement, dynamics_scatter, main, plot_run
+from ntkdyn.plot import _probe_kernel, co_improvement, dynamics_scatter, main, plot_run, shared_kernel
+from ntkdyn.rundir import kernel_key, read_jsonl
+from ntkdyn.shapes_probes import probe_groups
 
 CATEGORIES = ("single_object", "counting")
 
@@ -62,7 +63,7 @@ def tiny_run(run_dir):
 
 def test_figures_of_a_tiny_run(tmp_path, capsys):
     evals = tiny_run(tmp_path)
-    main([str(tmp_path)])
+    assert main([str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     for name in (
         "co_improvement",
@@ -97,8 +98,18 @@ def test_figures_of_a_tiny_run(tmp_path, capsys):
     assert measurements == ["gen", "und", "caption"]
     np.testing.assert_allclose(full, full.T)
     np.testing.assert_allclose(np.diag(full), 1.0, atol=1e-5)
-    block = load_file(str(path))["Kcos/und,gen"].numpy()
+    block = load_file(str(path))[kernel_key("Kcos", "und", "gen")].numpy()
     np.testing.assert_allclose(full[offsets[1] : offsets[2], offsets[0] : offsets[1]], block)
+
+    # the shared-kernel curves are the logged kernel scalars, one line per category and one over all probes
+    kernel_rows = read_jsonl(tmp_path / "ntk.jsonl")
+    lines = {line.get_label(): line for line in shared_kernel(kernel_rows).axes[0].lines}
+    np.testing.assert_allclose(
+        lines["all probes"].get_ydata(), [r["ntk/cross_cos/und,gen"] for r in kernel_rows]
+    )
+    np.testing.assert_allclose(
+        lines["aligned"].get_ydata(), [r["ntk/cross_cos/und,gen/aligned"] for r in kernel_rows]
+    )
 
 
 def test_missing_data_is_skipped_with_the_reason(tmp_path):

@@ -1,4 +1,5 @@
-"""A run killed with SIGKILL and resumed gives the logs and final numbers of an uninterrupted run."""
+"""A run killed with SIGKILL and resumed gives the logs, tracker rows and final numbers of an uninterrupted
+run; --resume refuses a checkpoint that would have to be unpickled."""
 
 import os
 import signal
@@ -7,27 +8,29 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import assert_same_values
 
-from ntkdyn.track import main
-from ntkdyn.trainer.checkpoint import read_jsonl
+from ntkdyn.rundir import RunDir, read_jsonl
+from ntkdyn.track import main, parse_args, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ARGS = (
-    "--model toy-tiny --run sft --judge none --no-track --prompts 6 --candidates 2 --gen-batch 3 "
+    "--model toy-tiny --run sft --judge none --prompts 6 --candidates 2 --gen-batch 3 "
     "--max-steps 8 --rounds 2 --batch-size 4 --micro-batch-size 2 --checkpoint-every 4 --eval-every 5 "
-    "--eval-prompts 6 --eval-candidates 2"
+    "--eval-prompts 6 --eval-candidates 2 --track-every 3 --probes-per-category 1 --proj-kind exact"
 ).split()
 
 # Runs ntkdyn.track with one more hook that sends SIGKILL to its own process right after optimizer step K.
 DRIVER = """
 import os, signal, sys
 import ntkdyn.track as track
+from ntkdyn.trainer import loop
 
 
-KILL_AT, inner = int(sys.argv[1]), track.train
+KILL_AT, init = int(sys.argv[1]), loop.Trainer.__init__
 
 class Kill:
     def before_step(self, step, model, loss_fn, batch):
@@ -37,7 +40,10 @@ class Kill:
         if step == KILL_AT:
             os.kill(os.getpid(), signal.SIGKILL)
 
-track.train = lambda *a: inner(*a[:7], [*a[7], Kill()])
+def with_kill(self, *args, hooks=(), **kwargs):
+    init(self, *args, hooks=[*hooks, Kill()], **kwargs)
+
+loop.Trainer.__init__ = with_kill
 track.main(sys.argv[2:])
 """
 
@@ -67,16 +73,55 @@ def test_kill9_then_resume_matches_an_uninterrupted_run(tmp_path):
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     # killed right after update 6 (before its row): the last checkpoint is step 4; the rows of step 5
-    # (training and evaluation) and round 1's data row came after it: dropped and written again, once
+    # (training and evaluation), round 1's data row and the tracker's rows and kernels of step 6 came
+    # after it: dropped and written again, once
     assert [r["step"] for r in read_jsonl(killed / "metrics.jsonl")] == [1, 2, 3, 4, 5]
     assert [r["step"] for r in read_jsonl(killed / "eval.jsonl")] == [0, 5]
+    assert [r["step"] for r in read_jsonl(killed / "ntk.jsonl")] == [3, 6]
 
-    resumed = main([*ARGS, "--out", str(killed), "--resume"])
-    reference = main([*ARGS, "--out", str(whole)])
-    for name in ("metrics.jsonl", "eval.jsonl", "data.jsonl"):
+    resumed = run(parse_args([*ARGS, "--out", str(killed), "--resume"]))
+    reference = run(parse_args([*ARGS, "--out", str(whole)]))
+    for name in ("metrics.jsonl", "eval.jsonl", "data.jsonl", "dynamics.jsonl", "ntk.jsonl"):
         _same_rows(read_jsonl(killed / name), read_jsonl(whole / name))
+    assert [r["step"] for r in read_jsonl(killed / "ntk.jsonl")] == [3, 6]
+    assert [p.name for p in RunDir(killed).kernel_files()] == [p.name for p in RunDir(whole).kernel_files()]
     assert [r["step"] for r in read_jsonl(killed / "metrics.jsonl")] == list(range(1, 9))
     assert [r["step"] for r in read_jsonl(killed / "eval.jsonl")] == [0, 5, 8]
     assert [r["round"] for r in read_jsonl(killed / "data.jsonl")] == [0, 1]
     assert resumed["steps"] == reference["steps"] == 8
     assert_same_values(resumed["after"], reference["after"])
+
+
+class RunsCode:
+    """Unpickling this object creates ``marker``: what a checkpoint received from someone else could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_resume_refuses_checkpoints_whose_pickle_would_run_code(tmp_path, capsys):
+    args = (
+        "--model toy-tiny --run sft --judge none --no-track --prompts 6 --candidates 2 --gen-batch 3 "
+        "--max-steps 2 --batch-size 4 --micro-batch-size 2 --eval-prompts 6 --eval-candidates 2 "
+        "--eval-every 0"
+    ).split() + ["--out", str(tmp_path / "run")]
+    run(parse_args(args))
+    checkpoint, legacy = tmp_path / "run" / "checkpoint.safetensors", tmp_path / "run" / "checkpoint.pt"
+    marker = tmp_path / "code-ran"
+    torch.save({"model": RunsCode(marker)}, legacy)
+    torch.load(legacy, weights_only=False)  # the payload is live: unpickling it runs code
+    assert marker.exists()
+    marker.unlink()
+
+    checkpoint.write_bytes(legacy.read_bytes())  # planted in place of the checkpoint
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--resume"])
+    assert exit_.value.code == 2 and "is not a safetensors file" in capsys.readouterr().err
+    checkpoint.unlink()  # only the pickle checkpoint of earlier versions
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--resume"])
+    assert exit_.value.code == 2 and "is a pickle checkpoint" in capsys.readouterr().err
+    assert not marker.exists()

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import check_measurements_run_the_given_model
 from transformers import LlamaForCausalLM
 
 from ntkdyn.models import load_adapter
@@ -100,6 +101,11 @@ def test_measurements_are_differentiable(toy, batch):
     toy.model.zero_grad()
 
 
+def test_measurements_run_the_model_they_are_given(toy, batch):
+    prompts, images = batch
+    check_measurements_run_the_given_model(toy, {"prompts": prompts, "images": images})
+
+
 def test_generate_samples_image_tokens_with_its_own_distribution(toy):
     """Greedy generation equals the argmax of the incremental image-token distribution, and
     sampled images are seeded and inside the codebook."""
@@ -139,15 +145,19 @@ def test_bad_inputs_give_clear_errors(toy):
         load_adapter("nope")
 
 
-def test_pretraining_is_deterministic_and_cached(tmp_path, monkeypatch):
-    """A few steps of the recipe twice give identical weights; the cache is written once and read back."""
-    from ntkdyn.pretrain import PretrainConfig, cache_dir, pretrain, pretrained_toy
+def test_pretraining_is_deterministic_and_saved_with_its_manifest(tmp_path):
+    """A few steps of the recipe twice give identical weights; save() writes weights, recipe, log and a
+    manifest whose digest the loader checks."""
+    import json
+
+    from ntkdyn.models.toy import ToyConfig
+    from ntkdyn.models.toy_recipe import PretrainConfig, verified_toy_dir, weights_digest
+    from ntkdyn.pretrain import pretrain, save
 
     config = PretrainConfig(
-        hidden_size=32,
-        num_layers=1,
-        num_heads=2,
-        intermediate_size=64,
+        model=ToyConfig(
+            hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, initializer_range=0.09
+        ),
         steps=4,
         relation_warmup=2,
         gen_batch=2,
@@ -163,17 +173,44 @@ def test_pretraining_is_deterministic_and_cached(tmp_path, monkeypatch):
     ):
         assert torch.equal(a, b), name
     assert log[-1]["step"] == 4 and np.isfinite(log[-1]["und_loss"])
-    monkeypatch.setenv("NTKDYN_CACHE", str(tmp_path))
-    cached = pretrained_toy(config, progress=False)
-    assert cache_dir(config).parent == tmp_path and (cache_dir(config) / "pretrain_log.json").is_file()
-    for (name, a), (_, b) in zip(
-        first.model.named_parameters(), cached.model.named_parameters(), strict=True
-    ):
+    save(first, config, log, tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["recipe"] == json.loads(json.dumps(config.recipe()))
+    assert manifest["recipe_hash"] == config.recipe_hash() and manifest["sha256"] == weights_digest(tmp_path)
+    saved = ToyAdapter.from_pretrained(verified_toy_dir(tmp_path))
+    for (name, a), (_, b) in zip(first.model.named_parameters(), saved.model.named_parameters(), strict=True):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="und_batch must be even"):
         PretrainConfig(und_batch=3)
     with pytest.raises(ValueError, match="relation_warmup"):
         PretrainConfig(steps=10, relation_warmup=10)
+
+
+def test_shipped_weights_are_the_default_recipe_and_match_their_digest(tmp_path):
+    """The package's toy weights: their SHA-256 equals the manifest's (computed here from the file), the
+    manifest's recipe is the default one, and a changed byte is refused by name."""
+    import hashlib
+    import json
+    import shutil
+
+    from ntkdyn.models.toy_recipe import SHIPPED_TOY_DIR, PretrainConfig, verified_toy_dir
+
+    manifest = json.loads((SHIPPED_TOY_DIR / "manifest.json").read_text())
+    digest = hashlib.sha256((SHIPPED_TOY_DIR / "model.safetensors").read_bytes()).hexdigest()
+    assert manifest["sha256"] == digest
+    assert manifest["recipe"] == json.loads(json.dumps(PretrainConfig().recipe()))
+    assert manifest["recipe_hash"] == PretrainConfig().recipe_hash()
+    toy = load_adapter("toy")
+    assert sum(p.numel() for p in toy.model.parameters()) > 500_000
+    copy = tmp_path / "toy"
+    shutil.copytree(SHIPPED_TOY_DIR, copy)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="SHA-256"):
+        verified_toy_dir(copy)
+    with pytest.raises(ValueError, match="SHA-256"):
+        load_adapter("toy", str(copy))
 
 
 def test_relation_stage_pairs_differ_only_in_the_relation():
@@ -191,3 +228,44 @@ def test_relation_stage_pairs_differ_only_in_the_relation():
         assert world.oracle(prompt, scenes[i]) and not world.oracle(prompt, scenes[i + 1])
         assert sorted(scenes[i].tolist()) == sorted(scenes[i + 1].tolist())
         assert not torch.equal(scenes[i], scenes[i + 1])
+
+
+def test_loading_the_toy_never_pretrains(tmp_path):
+    """load_adapter("toy") loads the shipped weights without importing training code; a directory
+    without a toy model is refused by name. (Subprocess: a clean module table.)"""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from ntkdyn.models import load_adapter\n"
+        "load_adapter('toy')\n"
+        "try:\n"
+        f"    load_adapter('toy', {str(tmp_path)!r})\n"
+        "except FileNotFoundError as err:\n"
+        "    print(err)\n"
+        "print('imported:', sorted(m for m in sys.modules if m in ('ntkdyn.pretrain', 'ntkdyn.trainer')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "holds no toy model" in out.stdout and str(tmp_path) in out.stdout, out.stderr[-2000:]
+    assert "imported: []" in out.stdout
+
+
+def test_recipe_hash_is_the_one_of_the_flat_recipe_it_replaced():
+    """The recipe composes ToyConfig; its hash stays the one of the flat recipe it replaced
+    (7b87e3749d35, the shipped weights' and BENCHMARKS.md's); a change of the world's geometry, now part
+    of the recipe, changes it."""
+    from ntkdyn.models.toy import ToyConfig
+    from ntkdyn.models.toy_recipe import PretrainConfig
+
+    legacy = {  # the fields of the flat PretrainConfig of before
+        "seed", "world_seed", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+        "initializer_range", "steps", "relation_warmup", "gen_batch", "und_batch", "caption_batch",
+        "ground_batch", "lr", "warmup", "weight_decay", "hard_start", "hard_end", "hard_ramp",
+        "und_category_weights", "negative_kind_weights", "threads",
+    }  # fmt: skip
+    assert set(PretrainConfig().recipe()) == legacy
+    assert PretrainConfig().recipe_hash() == "7b87e3749d35"
+    assert (
+        PretrainConfig(model=ToyConfig(initializer_range=0.09, grid_size=4)).recipe_hash() != "7b87e3749d35"
+    )

@@ -19,10 +19,13 @@ from torch import nn
 from ntkdyn.analysis.projector import GradientProjector, ProjectionConfig, select_parameters
 
 MeasurementFn = Callable[[nn.Module, Any], torch.Tensor]
+_CHUNK = 1 << 16  # feature columns converted to float64 at a time
 
 
 def feature_kernel(features_a: torch.Tensor, features_b: torch.Tensor) -> torch.Tensor:
-    """K = Phi_a Phi_b^T: [B_a, D] x [B_b, D] -> [B_a, B_b]; raises on different D."""
+    """K = Phi_a Phi_b^T: [B_a, D] x [B_b, D] -> [B_a, B_b] in the features' dtype, accumulated in float64
+    (a sum of D products in float32 would lose up to ~D eps; the result is rounded once); raises on
+    different D."""
     if features_a.dim() != 2 or features_b.dim() != 2:
         raise ValueError(
             f"features must be [B, D]; got {tuple(features_a.shape)} and {tuple(features_b.shape)}"
@@ -33,7 +36,13 @@ def feature_kernel(features_a: torch.Tensor, features_b: torch.Tensor) -> torch.
             "come from projectors with different configs or tracked parameters "
             "(see GradientProjector.check_compatible)"
         )
-    return features_a @ features_b.T
+    kernel = torch.zeros(
+        features_a.shape[0], features_b.shape[0], dtype=torch.float64, device=features_a.device
+    )
+    for start in range(0, features_a.shape[1], _CHUNK):
+        part_a = features_a[:, start : start + _CHUNK].double()
+        kernel += part_a @ features_b[:, start : start + _CHUNK].double().T
+    return kernel.to(torch.promote_types(features_a.dtype, features_b.dtype))
 
 
 def empirical_ntk(
@@ -44,8 +53,9 @@ def empirical_ntk(
     batch_b: Any = None,
     config: ProjectionConfig | None = None,
 ) -> torch.Tensor:
-    """Projected eNTK [B_a, B_b] (fn_b/batch_b default to fn_a/batch_a). Unbiased for projected kinds;
-    equal to :func:`exact_ntk` up to float32 rounding for kind="exact"."""
+    """Projected eNTK [B_a, B_b] (fn_b/batch_b default to fn_a/batch_a), in the features' dtype. Unbiased
+    for projected kinds; for kind="exact" equal to :func:`exact_ntk` up to the rounding of the model's
+    dtype (float64 features and kernel on a float64 model)."""
     return _pair_kernel(GradientProjector(model, config).per_sample, fn_a, batch_a, fn_b, batch_b)
 
 
@@ -93,8 +103,8 @@ def exact_ntk(
     batch_b: Any = None,
     config: ProjectionConfig | None = None,
 ) -> torch.Tensor:
-    """Reference eNTK [B_a, B_b] over the parameters ``config`` tracks (its kind, k and seed are
-    ignored): J_a J_b^T with Jacobian rows from an explicit per-sample autograd loop, in the
-    model's dtype (use a float64 model for a float64 reference)."""
+    """Reference eNTK [B_a, B_b] over the parameters ``config`` tracks (its kind, k and seed are ignored):
+    J_a J_b^T with Jacobian rows from an explicit per-sample autograd loop in the model's dtype (use a
+    float64 model for a float64 reference), accumulated in float64."""
     params = list(select_parameters(model, ProjectionConfig() if config is None else config).values())
     return _pair_kernel(partial(_jacobian, model, params), fn_a, batch_a, fn_b, batch_b)

@@ -1,5 +1,6 @@
-"""Triton kernels, each next to its launcher and the pure-torch reference that is the CPU path."""
+"""Per-sample projection kernels: the pure-torch reference and dispatcher (always importable) and the
+Triton kernel (:mod:`ntkdyn.kernels.kron_projection_triton`, imported only where it is used)."""
 
-from ntkdyn.kernels.kron_projection import kron_projection, kron_projection_reference, kron_projection_triton
+from ntkdyn.kernels.kron_projection import IMPLEMENTATIONS, kron_projection, kron_projection_reference
 
-__all__ = ["kron_projection", "kron_projection_reference", "kron_projection_triton"]
+__all__ = ["IMPLEMENTATIONS", "kron_projection", "kron_projection_reference"]

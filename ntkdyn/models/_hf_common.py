@@ -88,22 +88,35 @@ class HFUnifiedAdapter(UnifiedAdapter):
 
     @abstractmethod
     def _understanding_logits(
-        self, images: torch.Tensor, questions: Sequence[str], answers: Sequence[Sequence[int]], keep: int
+        self,
+        images: torch.Tensor,
+        questions: Sequence[str],
+        answers: Sequence[Sequence[int]],
+        keep: int,
+        model: nn.Module,
     ) -> torch.Tensor:
-        """lm_head logits at the last ``keep`` positions of the left-padded understanding rows."""
+        """lm_head logits of ``model`` at the last ``keep`` positions of the left-padded
+        understanding rows."""
 
-    def judge(self, images: torch.Tensor, prompts: Sequence[str]) -> Judgement:
+    def judge(
+        self, images: torch.Tensor, prompts: Sequence[str], model: nn.Module | None = None
+    ) -> Judgement:
         """log-odds = logit(yes) - logit(no) at the answer position of "Does this image describe y?"."""
         self._check_batch(images, prompts)
         questions = [self.question.format(prompt=p) for p in prompts]
-        logits = self._understanding_logits(images, questions, [()] * len(prompts), keep=1)[:, -1].float()
+        model = self.model if model is None else model
+        logits = self._understanding_logits(images, questions, [()] * len(prompts), 1, model)[:, -1].float()
         log_odds = logits[:, self.yes_id] - logits[:, self.no_id]
         return Judgement(p_yes=torch.sigmoid(log_odds), log_odds=log_odds)
 
-    def caption_logprob(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    def caption_logprob(
+        self, images: torch.Tensor, prompts: Sequence[str], model: nn.Module | None = None
+    ) -> torch.Tensor:
         """log pi(y|x): the prompt's tokens (" {prompt}") answering caption_question about the image: [B]."""
         self._check_batch(images, prompts)
         captions = [self._text(" " + p) for p in prompts]
         keep = max(len(c) for c in captions) + 1
-        logits = self._understanding_logits(images, [self.caption_question] * len(prompts), captions, keep)
+        model = self.model if model is None else model
+        questions = [self.caption_question] * len(prompts)
+        logits = self._understanding_logits(images, questions, captions, keep, model)
         return suffix_logprob(logits, captions)

@@ -28,9 +28,10 @@ class Judgement(NamedTuple):
 class UnifiedAdapter(ABC):
     """A unified multimodal model seen through generation and understanding.
 
-    ``model`` is the ``nn.Module`` whose parameters are trained and tracked. Methods
-    run the model through ``self.model(...)`` so that a trainer may swap in a
-    DistributedDataParallel wrapper of it.
+    ``model`` is the ``nn.Module`` whose parameters are trained and tracked. The differentiable
+    measurements (gen_logprob, judge, caption_logprob) run the module they are given as ``model``
+    (default ``self.model``): the trainer passes its DistributedDataParallel wrapper, the tracker
+    the module whose parameters it swaps. Sampling, decoding and encoding run ``self.model``.
     """
 
     model: nn.Module
@@ -48,15 +49,21 @@ class UnifiedAdapter(ABC):
         """Sample n images per prompt: LongTensor[len(prompts), n, L]. No gradients."""
 
     @abstractmethod
-    def gen_logprob(self, prompts: Sequence[str], images: torch.Tensor) -> torch.Tensor:
+    def gen_logprob(
+        self, prompts: Sequence[str], images: torch.Tensor, model: nn.Module | None = None
+    ) -> torch.Tensor:
         """log pi(x | y) summed over image tokens: Tensor[B] (prompts[b] with images[b])."""
 
     @abstractmethod
-    def judge(self, images: torch.Tensor, prompts: Sequence[str]) -> Judgement:
+    def judge(
+        self, images: torch.Tensor, prompts: Sequence[str], model: nn.Module | None = None
+    ) -> Judgement:
         """Ask the model whether images[b] describes prompts[b]: Judgement of [B] tensors."""
 
     @abstractmethod
-    def caption_logprob(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    def caption_logprob(
+        self, images: torch.Tensor, prompts: Sequence[str], model: nn.Module | None = None
+    ) -> torch.Tensor:
         """log pi(y | x) summed over the prompt's text tokens: Tensor[B]."""
 
     @abstractmethod
@@ -76,12 +83,12 @@ class UnifiedAdapter(ABC):
     def measurement(self, name: str) -> Callable[[nn.Module, dict], torch.Tensor]:
         """``fn(model, batch) -> Tensor[B]`` for a batch ``{"prompts": [...], "images": LongTensor[B, L]}``.
 
-        name: "gen" (log pi(x|y)), "und" (yes log-odds) or "caption" (log pi(y|x)).
+        name: "gen" (log pi(x|y)), "und" (yes log-odds) or "caption" (log pi(y|x)); fn runs ``model``.
         """
         if name == "gen":
-            return lambda model, batch: self.gen_logprob(batch["prompts"], batch["images"])
+            return lambda model, batch: self.gen_logprob(batch["prompts"], batch["images"], model=model)
         if name == "und":
-            return lambda model, batch: self.judge(batch["images"], batch["prompts"]).log_odds
+            return lambda model, batch: self.judge(batch["images"], batch["prompts"], model=model).log_odds
         if name == "caption":
-            return lambda model, batch: self.caption_logprob(batch["images"], batch["prompts"])
+            return lambda model, batch: self.caption_logprob(batch["images"], batch["prompts"], model=model)
         raise ValueError(f"unknown measurement {name!r}: expected 'gen', 'und' or 'caption'")

@@ -230,17 +230,20 @@ class Emu3Adapter(HFUnifiedAdapter):
             positions = positions[:, -1:] + torch.arange(1, ids.shape[1] + 1, device=device)
         return codes.view(len(prompts), n, self.image_tokens)
 
-    def gen_logprob(self, prompts: Sequence[str], images: torch.Tensor) -> torch.Tensor:
+    def gen_logprob(
+        self, prompts: Sequence[str], images: torch.Tensor, model: nn.Module | None = None
+    ) -> torch.Tensor:
         """log pi(x|y) = sum over the h*w codes of log softmax(lm_head)[visual token of x_i],
         teacher-forced with the eol tokens in place, no guidance: [B]."""
         self._check_batch(images, prompts)
+        model = self.model if model is None else model
         rows = self._image_rows(images)  # [B, h*(w+1)]
         sequences = [[*self._generation_prefix(p), *r.tolist()] for p, r in zip(prompts, rows, strict=True)]
         # the last eol is a target only, never an input
         ids, mask, positions = (
             t.to(images.device) for t in left_pad([s[:-1] for s in sequences], self.pad_id)
         )
-        logits = self.model(
+        logits = model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
@@ -252,15 +255,21 @@ class Emu3Adapter(HFUnifiedAdapter):
 
     # ----------------------------------------------------------------- understanding branch
     def _understanding_logits(
-        self, images: torch.Tensor, questions: Sequence[str], answers: Sequence[Sequence[int]], keep: int
+        self,
+        images: torch.Tensor,
+        questions: Sequence[str],
+        answers: Sequence[Sequence[int]],
+        keep: int,
+        model: nn.Module,
     ) -> torch.Tensor:
-        """lm_head logits at the last ``keep`` positions of the left-padded understanding rows."""
+        """lm_head logits of ``model`` at the last ``keep`` positions of the left-padded
+        understanding rows."""
         rows = self._image_rows(images)
         sequences = [
             self._understanding_ids(r, q, a) for r, q, a in zip(rows, questions, answers, strict=True)
         ]
         ids, mask, positions = (t.to(images.device) for t in left_pad(sequences, self.pad_id))
-        out = self.model(
+        out = model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=keep
         )
         return out.logits

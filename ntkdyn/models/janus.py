@@ -172,8 +172,10 @@ class JanusAdapter(HFUnifiedAdapter):
         image = [self.boi_id, *[self.image_token_id] * self.vision_tokens, self.eoi_id]
         return [self.bos_id, *self._text(USER), *image, *self._text("\n" + question + ASSISTANT), *answer]
 
-    def _core(self) -> nn.Module:
-        return self.model.model
+    def _core(self, model: nn.Module | None = None) -> nn.Module:
+        """The JanusModel inside ``model`` (default self.model; a DDP wrapper is looked through)."""
+        model = self.model if model is None else model
+        return (model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model).model
 
     # ----------------------------------------------------------------- generation branch
     @torch.no_grad()
@@ -213,10 +215,18 @@ class JanusAdapter(HFUnifiedAdapter):
             positions = positions[:, -1:] + 1
         return codes.view(len(prompts), n, self.image_tokens)
 
-    def gen_logprob(self, prompts: Sequence[str], images: torch.Tensor) -> torch.Tensor:
+    def gen_logprob(
+        self, prompts: Sequence[str], images: torch.Tensor, model: nn.Module | None = None
+    ) -> torch.Tensor:
         """log pi(x|y) = sum_i log softmax(generation_head(h_i))[x_i], teacher-forced, no guidance: [B]."""
         self._check_batch(images, prompts)
-        core = self._core()
+        model = self.model if model is None else model
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                "JanusAdapter.gen_logprob runs the model's language model and generation head, not its "
+                "forward, so it cannot run through DistributedDataParallel: train Janus in one process"
+            )
+        core = self._core(model)
         device = images.device
         prefixes = [self._generation_prefix(p) for p in prompts]
         ids, mask, positions = (t.to(device) for t in left_pad(prefixes, self.pad_id))
@@ -224,7 +234,7 @@ class JanusAdapter(HFUnifiedAdapter):
         embeds = torch.cat(
             [
                 core.get_input_embeddings()(ids),
-                self.model.prepare_embeddings_for_image_generation(images[:, :-1]),
+                model.prepare_embeddings_for_image_generation(images[:, :-1]),
             ],
             dim=1,
         )
@@ -236,15 +246,21 @@ class JanusAdapter(HFUnifiedAdapter):
 
     # ----------------------------------------------------------------- understanding branch
     def _understanding_logits(
-        self, images: torch.Tensor, questions: Sequence[str], answers: Sequence[Sequence[int]], keep: int
+        self,
+        images: torch.Tensor,
+        questions: Sequence[str],
+        answers: Sequence[Sequence[int]],
+        keep: int,
+        model: nn.Module,
     ) -> torch.Tensor:
-        """lm_head logits at the last ``keep`` positions of the left-padded understanding rows."""
-        pixel_values = self._pixel_values(self.decode(images)).to(images.device)
+        """lm_head logits of ``model`` at the last ``keep`` positions of the left-padded
+        understanding rows."""
+        pixel_values = self._pixel_values(self._decode(images, model)).to(images.device)
         rows = [self._understanding_ids(q, a) for q, a in zip(questions, answers, strict=True)]
         ids, mask, positions = (t.to(images.device) for t in left_pad(rows, self.pad_id))
-        out = self.model(
+        out = model(
             input_ids=ids,
-            pixel_values=pixel_values.to(next(self.model.parameters()).dtype),
+            pixel_values=pixel_values.to(next(model.parameters()).dtype),
             attention_mask=mask,
             position_ids=positions,
             logits_to_keep=keep,
@@ -261,8 +277,13 @@ class JanusAdapter(HFUnifiedAdapter):
     @torch.no_grad()
     def decode(self, images: torch.Tensor) -> torch.Tensor:
         """VQ decoder: codes [B, L] -> uint8 pixels [B, image_size, image_size, 3]."""
+        return self._decode(images, self.model)
+
+    @torch.no_grad()
+    def _decode(self, images: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        """decode with the VQ decoder of ``model`` (the understanding branch reads its own model's pixels)."""
         check_images(images, self.image_tokens, self.codebook_size)
-        return self._to_uint8(self._core().vqmodel.decode(images))  # decode: [B, 3, H, W], normalised
+        return self._to_uint8(self._core(model).vqmodel.decode(images))  # [B, 3, H, W], normalised
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -250,9 +250,11 @@ class ToyAdapter(UnifiedAdapter):
             for x, p in zip(self._image_ids(images), prompts, strict=True)
         ]
 
-    def forward(self, sequences: list[list[int]]) -> torch.Tensor:
-        """Logits [B, T, V] of left-padded sequences (T = longest); position ids skip the padding."""
-        device = next(self.model.parameters()).device
+    def forward(self, sequences: list[list[int]], model: nn.Module | None = None) -> torch.Tensor:
+        """Logits [B, T, V] of left-padded sequences (T = longest) through ``model`` (default
+        self.model); position ids skip the padding."""
+        model = self.model if model is None else model
+        device = next(model.parameters()).device
         width = max(len(s) for s in sequences)
         ids = torch.full((len(sequences), width), self.token_id["<pad>"], dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -260,7 +262,7 @@ class ToyAdapter(UnifiedAdapter):
             ids[b, width - len(s) :] = torch.tensor(s)
             mask[b, width - len(s) :] = 1
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        out = self.model(
+        out = model(
             input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)
         )
         return out.logits
@@ -298,22 +300,28 @@ class ToyAdapter(UnifiedAdapter):
             sequences = [s + [c + self.image_offset] for s, c in zip(sequences, step.tolist(), strict=True)]
         return cells.view(len(prompts), n, self.image_tokens)
 
-    def gen_logprob(self, prompts: Sequence[str], images: torch.Tensor) -> torch.Tensor:
+    def gen_logprob(
+        self, prompts: Sequence[str], images: torch.Tensor, model: nn.Module | None = None
+    ) -> torch.Tensor:
         """log pi(x|y) = sum_i log softmax(image logits at i-1)[x_i]: Tensor[B]."""
-        logits = self.forward(self.gen_sequences(prompts, images))
+        logits = self.forward(self.gen_sequences(prompts, images), model)
         logp = torch.log_softmax(self.image_logits(logits[:, -self.image_tokens - 1 : -1]).float(), -1)
         return logp.gather(-1, images.to(logp.device).long()[..., None])[..., 0].sum(-1)
 
-    def judge(self, images: torch.Tensor, prompts: Sequence[str]) -> Judgement:
+    def judge(
+        self, images: torch.Tensor, prompts: Sequence[str], model: nn.Module | None = None
+    ) -> Judgement:
         """log_odds = logit(yes) - logit(no) after "?"; p_yes = sigmoid(log_odds): Judgement of [B]."""
-        last = self.forward(self.und_sequences(images, prompts))[:, -1].float()
+        last = self.forward(self.und_sequences(images, prompts), model)[:, -1].float()
         log_odds = last[:, self.token_id["yes"]] - last[:, self.token_id["no"]]
         return Judgement(torch.sigmoid(log_odds), log_odds)
 
-    def caption_logprob(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    def caption_logprob(
+        self, images: torch.Tensor, prompts: Sequence[str], model: nn.Module | None = None
+    ) -> torch.Tensor:
         """log pi(y|x) = sum over the prompt's words of log softmax(logits)[word]: Tensor[B]."""
         sequences = self.caption_sequences(images, prompts)
-        logits = self.forward(sequences)
+        logits = self.forward(sequences, model)
         logp = torch.log_softmax(logits[:, :-1].float(), -1)
         targets = torch.tensor([[0] * (logits.shape[1] - len(s)) + s for s in sequences], device=logp.device)
         token_logp = logp.gather(-1, targets[:, 1:, None])[..., 0]

@@ -1,62 +1,46 @@
-"""Checkpoints and logs that survive ``kill -9``.
+"""Checkpoints that survive ``kill -9`` and load without unpickling anything.
 
-Logs are JSONL files at the top of the run directory, one row appended and flushed at a time. A
-checkpoint (``checkpoint.pt``, written to a temporary file and renamed, so a kill leaves the previous one
-intact) holds the model, the optimizer, the data position (round, step), the RNG states, the hooks'
-states and the byte length of every top-level ``*.jsonl`` at that moment. Resuming truncates every log
-back to those lengths (a file the checkpoint does not know is emptied): the rows written after the
-checkpoint, including a half-written last row, are dropped and then written again by the resumed run,
-so no row is lost or duplicated. The learning-rate schedule is a pure function of the position, so
-the position is the scheduler's state.
+``checkpoint.safetensors`` (ntkdyn.rundir.save_state: tensors in safetensors, everything else as JSON
+in its metadata; written beside and renamed, so a kill leaves the previous checkpoint intact) holds
+the position (step, round, step in the round, the discard pool), the model, the optimizer, the RNG
+states and the byte length of every log at that moment. Resuming cuts every log back to those
+lengths and drops the kernel files of later steps (ntkdyn.rundir.truncate_logs): the rows written
+after the checkpoint, a half-written last row included, are dropped and written again by the resumed
+run, so no row is lost or duplicated. The learning-rate schedule is a pure function of the position,
+so the position is the scheduler's state. A ``checkpoint.pt`` (the pickle format of earlier
+versions) is refused: unpickling a file received from someone else can run code.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-CHECKPOINT = "checkpoint.pt"
+from ntkdyn.rundir import RunDir, log_lengths
+from ntkdyn.state_file import check_state, load_state, save_state
 
 
-class JsonlLogger:
-    """Append rows to ``path`` as JSON lines, flushed after every row; a no-op when not ``enabled``."""
+@dataclass
+class Position:
+    """Where a run stands: ``step`` optimizer steps done, in data round ``round`` at its
+    ``round_step``-th step; ``pool``: LongTensor of the prompts with no accepted candidate so far."""
 
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path = Path(path)
-        self.enabled = enabled
-
-    def log(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+    step: int
+    round: int
+    round_step: int
+    pool: torch.Tensor
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file ([] when it does not exist)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def log_lengths(run_dir: Path) -> dict[str, int]:
-    """Byte length of every top-level ``*.jsonl`` of the run directory."""
-    return {p.name: p.stat().st_size for p in sorted(Path(run_dir).glob("*.jsonl"))}
-
-
-def truncate_logs(run_dir: Path, lengths: dict[str, int]) -> None:
-    """Cut every top-level ``*.jsonl`` back to ``lengths[name]`` bytes (0 for a file not in ``lengths``)."""
-    for path in sorted(Path(run_dir).glob("*.jsonl")):
-        with open(path, "r+b") as f:
-            f.truncate(min(lengths.get(path.name, 0), path.stat().st_size))
+@dataclass
+class Checkpoint:
+    position: Position
+    model: dict[str, torch.Tensor]
+    optimizer: dict
+    logs: dict[str, int]  # log file name -> byte length
 
 
 def rng_state() -> dict:
@@ -74,20 +58,46 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, state: dict) -> None:
-    """Write ``state`` (+ RNG states and log lengths) to run_dir/checkpoint.pt atomically."""
-    path = Path(run_dir) / CHECKPOINT
-    tmp = path.with_suffix(".tmp")
-    torch.save({**state, "rng": rng_state(), "logs": log_lengths(run_dir)}, tmp)
-    os.replace(tmp, path)
+def save_checkpoint(
+    run_dir: str | os.PathLike, position: Position, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    """Write the position, model, optimizer, RNG states and log lengths to checkpoint.safetensors."""
+    run = RunDir(run_dir)
+    state = {
+        "position": vars(position),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(),
+        "logs": log_lengths(run),
+    }
+    save_state(run.checkpoint, state)
 
 
-def load_checkpoint(run_dir: Path) -> dict | None:
+def check_checkpoint(run_dir: str | os.PathLike) -> None:
+    """Raise ValueError, before anything is loaded, when the run's checkpoint cannot be resumed safely:
+    a pickle checkpoint.pt, or a checkpoint.safetensors that is not one (only its header is read)."""
+    run = RunDir(run_dir)
+    if run.pickle_checkpoint.exists() and not run.checkpoint.exists():
+        raise ValueError(
+            f"resume: {run.pickle_checkpoint} is a pickle checkpoint (the format of earlier ntkdyn "
+            f"versions); it is not loaded, since unpickling a file can run code. Start the run again "
+            f"in a new --out"
+        )
+    if run.checkpoint.exists():
+        try:
+            check_state(run.checkpoint)
+        except ValueError as err:
+            raise ValueError(f"resume: {err}: not an ntkdyn checkpoint, nothing was loaded") from None
+
+
+def load_checkpoint(run_dir: str | os.PathLike) -> Checkpoint | None:
     """The last checkpoint of a run (None when there is none), with this process's RNG states restored.
-    The caller (rank 0) truncates the logs with ``truncate_logs(run_dir, state["logs"])``."""
-    path = Path(run_dir) / CHECKPOINT
-    if not path.exists():
+    Raises ValueError for a checkpoint that cannot be loaded safely (see :func:`check_checkpoint`).
+    The caller (rank 0) cuts the logs back with ``truncate_logs(run, checkpoint.logs, step)``."""
+    check_checkpoint(run_dir)
+    run = RunDir(run_dir)
+    if not run.checkpoint.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_state(run.checkpoint)
     set_rng_state(state["rng"])
-    return state
+    return Checkpoint(Position(**state["position"]), state["model"], state["optimizer"], state["logs"])

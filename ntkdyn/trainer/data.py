@@ -19,18 +19,17 @@ the tensors and the prompt texts in its metadata; ``data/round_R.jsonl`` one rea
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, safe_open, save_file
 from tqdm import tqdm
 
-from ntkdyn.evaluate import oracle_of_images, world_images
 from ntkdyn.models.base import UnifiedAdapter
+from ntkdyn.models.scenes import oracle_of_images, world_images
+from ntkdyn.rundir import RunDir, load_tensors, save_tensors, write_jsonl
 from ntkdyn.trainer.distributed import Dist
 from ntkdyn.world import Prompt, ShapesWorld
 
@@ -240,12 +239,13 @@ def save_round(
     pool: torch.Tensor,
     info: dict,
 ) -> Path:
-    """Write data/round_R.safetensors (atomically) and data/round_R.jsonl; returns the safetensors path.
+    """Write data/round_R.safetensors and data/round_R.jsonl (atomically); returns the safetensors path.
 
     pool: LongTensor of run-level prompt indices still in the discard pool after this round; info: a
     JSON-able description of the round (kept in the safetensors metadata)."""
-    folder = Path(run_dir) / "data"
-    folder.mkdir(parents=True, exist_ok=True)
+    run = RunDir(run_dir)
+    path = run.round_file(round_index)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"candidates/{k}": v.contiguous() for k, v in vars(candidates).items()}
     tensors.update({f"train/{k}": v.contiguous() for k, v in train_set.tensors().items()})
     tensors.update(
@@ -257,56 +257,39 @@ def save_round(
             "discard": selection.discard.contiguous(),
         }
     )
-    path = folder / f"round_{round_index}.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file(
-        tensors, str(tmp), metadata={"train_prompts": json.dumps(train_set.prompts), "info": json.dumps(info)}
-    )
-    os.replace(tmp, path)
+    save_tensors(path, tensors, {"train_prompts": json.dumps(train_set.prompts), "info": json.dumps(info)})
     in_sft = {}
     for r, k in selection.sft.tolist():
         in_sft.setdefault(r, []).append(k)
     pair_of = {r: (c, j) for r, c, j in selection.pairs.tolist()}
     discarded = set(selection.discard.tolist())
-    with open(folder / f"round_{round_index}.jsonl", "w") as f:
-        for r, i in enumerate(candidates.prompt_index.tolist()):
-            row = {
-                "prompt": prompts[i].text,
-                "category": prompts[i].category,
-                "p_yes": [round(v, 4) for v in candidates.p_yes[r].tolist()],
-                "accepted": accepted[r].tolist(),
-                "oracle": candidates.oracle[r].tolist(),
-                "images": candidates.images[r].tolist(),
-                "sft": in_sft.get(r, []),
-                "pair": pair_of.get(r),
-                "discarded": r in discarded,
-            }
-            f.write(json.dumps(row) + "\n")
+    rows = (
+        {
+            "prompt": prompts[i].text,
+            "category": prompts[i].category,
+            "p_yes": [round(v, 4) for v in candidates.p_yes[r].tolist()],
+            "accepted": accepted[r].tolist(),
+            "oracle": candidates.oracle[r].tolist(),
+            "images": candidates.images[r].tolist(),
+            "sft": in_sft.get(r, []),
+            "pair": pair_of.get(r),
+            "discarded": r in discarded,
+        }
+        for r, i in enumerate(candidates.prompt_index.tolist())
+    )
+    write_jsonl(run.round_file(round_index, ".jsonl"), rows)
     return path
 
 
 def load_round(path: Path) -> tuple[TrainSet, torch.Tensor, dict]:
     """(the round's training set, the discard pool after it, its info) from data/round_R.safetensors."""
-    tensors = load_file(str(path))
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
+    tensors, meta = load_tensors(path)
     fields = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("train/")}
     return (
         TrainSet(prompts=json.loads(meta["train_prompts"]), **fields),
         tensors["pool"],
         json.loads(meta["info"]),
     )
-
-
-def to_device(batch, device: torch.device):
-    """Tensors of a (nested) dict/list/tuple batch moved to device; everything else as it is."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, list | tuple):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
 
 
 def replay_batch(

@@ -1,4 +1,4 @@
-"""The self-improvement training loop (SFT / DPO / curriculum), top to bottom.
+"""The self-improvement training loop (SFT / DPO / curriculum): ``Trainer.train`` reads top to bottom.
 
     for round r in 0..rounds-1:
         data:   Algorithm 1 on all training prompts (round 0, and every round of an iterated sft/dpo run)
@@ -16,30 +16,30 @@ warm-up over warmup_steps, then cosine / linear decay to 0 or constant.
 Hooks (the learning-dynamics tracker) are objects with
     before_step(step, model, loss_fn, batch)  before any forward/backward of the step
     after_step(step, model, lr)               right after optimizer.step()
-and optionally state_dict()/load_state_dict(state) (saved in the checkpoint). ``model`` is always the
-underlying nn.Module (never the DDP wrapper), and while a hook runs ``adapter.model`` is that module.
-``batch`` is this rank's share of the step's batch, all micro-batches concatenated (the whole batch in
-one process); ``loss_fn(model, batch) -> Tensor[B]`` is the per-sample training loss whose mean over
-the batch is the step's loss: the SFT or DPO term, the NLL on chosen and the understanding replay of
-the same item (batch keys: ntkdyn.trainer.losses). Not included: nothing (weight decay is applied by
-AdamW outside the loss).
+``model`` is the underlying nn.Module (never the DDP wrapper). ``batch`` is this rank's share of the
+step's batch, all micro-batches concatenated (the whole batch in one process); ``loss_fn(model, batch)
+-> Tensor[B]`` is the per-sample training loss whose mean over the batch is the step's loss: the SFT or
+DPO term, the NLL on chosen and the understanding replay of the same item (batch keys:
+ntkdyn.trainer.losses). Not included: nothing (weight decay is applied by AdamW outside the loss).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ntkdyn.batch import slice_batch, to_device
 from ntkdyn.models.base import UnifiedAdapter
-from ntkdyn.trainer.checkpoint import JsonlLogger, load_checkpoint, save_checkpoint, truncate_logs
-from ntkdyn.trainer.config import RunConfig, TrainConfig
+from ntkdyn.rundir import DataRow, JsonlLog, MetricsRow, RunDir, truncate_logs
+from ntkdyn.trainer.checkpoint import Position, load_checkpoint, save_checkpoint
+from ntkdyn.trainer.config import DataConfig, TrainConfig
 from ntkdyn.trainer.data import (
     TrainSet,
     accepted_mask,
@@ -50,7 +50,6 @@ from ntkdyn.trainer.data import (
     save_round,
     seeded_generator,
     select,
-    to_device,
 )
 from ntkdyn.trainer.distributed import Dist
 from ntkdyn.trainer.losses import make_loss_fn, objective_terms
@@ -110,258 +109,219 @@ def trained_parameters(adapter: UnifiedAdapter, which: str) -> list[nn.Parameter
     return [p for n, p in model.named_parameters() if n in chosen]
 
 
-@contextlib.contextmanager
-def running(adapter: UnifiedAdapter, model: nn.Module):
-    """Temporarily make ``adapter.model`` the given module (the DDP wrapper or the raw model)."""
-    saved = adapter.model
-    adapter.model = model
-    try:
-        yield
-    finally:
-        adapter.model = saved
+class Trainer:
+    """Trains ``adapter.model`` on self-improvement data of ``prompts`` (TrainConfig ``train``, DataConfig
+    ``data``) into the run directory ``run_dir``.
 
+    evaluate(adapter) -> metrics on the eval prompts (run on rank 0; broadcast). hooks: see the module
+    docstring. dist: this process's place in a DDP group (default: one process).
+    """
 
-def collect_round(
-    adapter: UnifiedAdapter,
-    world: ShapesWorld,
-    prompts: Sequence[Prompt],
-    cfg: RunConfig,
-    round_index: int,
-    pool: torch.Tensor | None,
-    previous: TrainSet | None,
-    dist: Dist,
-) -> tuple[TrainSet, torch.Tensor, dict]:
-    """The data of a round: (training set, discard pool after it, a row describing the round).
-
-    Algorithm 1 on every prompt, except in rounds r > 0 of a curriculum run: Algorithm 2, only the pool
-    (prompts with no accepted candidate so far) is regenerated and judged by the current model, and what
-    it now accepts is added to ``previous``. pool: LongTensor of run-level prompt indices."""
-    dc, objective = cfg.data, cfg.train.objective
-    revisit = cfg.train.run == "curriculum" and round_index > 0
-    index = pool if revisit else torch.arange(len(prompts))
-    adapter.model.eval()
-    candidates = collect_candidates(
-        adapter,
-        world,
-        [prompts[i] for i in index.tolist()],
-        index,
-        dc.candidates,
-        dc.temperature,
-        dc.gen_batch,
-        cfg.train.seed,
-        round_index,
-        dist,
-    )
-    accepted = accepted_mask(candidates, dc.judge, dc.accept_threshold)
-    thresholds = (dc.sft_threshold, dc.dpo_margin) if dc.judge == "self" else (0.0, 0.0)
-    selection = select(candidates.p_yes, accepted, *thresholds)
-    new = build_train_set(adapter, candidates, selection, prompts, objective, dc.gen_batch, dist)
-    new_pool = index[selection.discard]
-    train_set = previous.concat(new) if revisit else new
-    row = {
-        "round": round_index,
-        "kind": "curriculum" if revisit else "collect",
-        "prompts": len(index),
-        "added_prompts": len(index) - len(new_pool),
-        "added_items": len(new),
-        "pool": len(new_pool),
-        "candidate_precision": candidates.oracle.float().mean().item(),
-        "accept_rate": accepted.float().mean().item(),
-        **train_set.stats(),
-    }
-    if dist.is_main:
-        save_round(
-            Path(cfg.out), round_index, prompts, candidates, accepted, selection, train_set, new_pool, row
+    def __init__(
+        self,
+        adapter: UnifiedAdapter,
+        world: ShapesWorld,
+        prompts: Sequence[Prompt],
+        train: TrainConfig,
+        data: DataConfig,
+        run_dir: str | os.PathLike,
+        evaluate: EvaluateFn,
+        dist: Dist | None = None,
+        hooks: Sequence = (),
+    ) -> None:
+        dist = dist or Dist()
+        if train.batch_size % dist.world_size:
+            raise ValueError(
+                f"batch_size: {train.batch_size} is not divisible by the {dist.world_size} processes"
+            )
+        self.adapter, self.world, self.prompts = adapter, world, prompts
+        self.cfg, self.data_cfg = train, data
+        self.run = RunDir(run_dir)
+        self.evaluate_fn, self.dist, self.hooks = evaluate, dist, list(hooks)
+        self.model = adapter.model
+        self.params = trained_parameters(adapter, train.trainable)
+        self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=train.weight_decay)
+        self.terms_fn = objective_terms(
+            adapter, train.objective, train.beta, train.nll_weight, train.replay_weight
         )
-    dist.barrier()
-    return train_set, new_pool, row
+        self.loss_fn = make_loss_fn(self.terms_fn)
+        self.ddp = DistributedDataParallel(self.model) if dist.enabled else self.model
+        self.metrics_log = JsonlLog(self.run.metrics, dist.is_main)
+        self.eval_log = JsonlLog(self.run.eval, dist.is_main)
+        self.data_log = JsonlLog(self.run.data_log, dist.is_main)
 
+    def train(self, before: dict, resume: bool = False) -> dict:
+        """Run the training (``resume``: from the run's last checkpoint); returns the final evaluation
+        with ``"step"``. before: the pre-trained model's metrics (logged as step 0)."""
+        tc = self.cfg
+        if self.dist.is_main:
+            self.run.root.mkdir(parents=True, exist_ok=True)
+        position = (self.restore() if resume else None) or self.start(before)
+        first_round, train_set = position.round, None
+        for r in range(first_round, tc.rounds):
+            first_step = position.round_step if r == first_round else 0
+            train_set = self.round_data(r, position, train_set, resume, log=first_step == 0)
+            steps = round_steps(tc, r, len(train_set))
+            self.model.train()
+            for k in tqdm(
+                range(first_step, steps), desc=f"{tc.objective} round {r}", disable=not self.dist.is_main
+            ):
+                position = Position(position.step + 1, r, k + 1, position.pool)
+                self.metrics_log.write(self.optimizer_step(train_set, r, k, steps, position.step))
+                last = r == tc.rounds - 1 and k == steps - 1  # the final evaluation comes after the loop
+                if tc.eval_every and position.step % tc.eval_every == 0 and not last:
+                    self.evaluate(position.step)
+                    self.model.train()
+                if position.step % tc.checkpoint_every == 0 or k == steps - 1:
+                    self.checkpoint(position)
+        final = self.evaluate(position.step) if position.step else before
+        self.model.eval()
+        return {"step": position.step, **final}
 
-def train(
-    adapter: UnifiedAdapter,
-    world: ShapesWorld,
-    prompts: Sequence[Prompt],
-    cfg: RunConfig,
-    dist: Dist,
-    evaluate_fn: EvaluateFn,
-    before: dict,
-    hooks: Sequence = (),
-) -> dict:
-    """Run (or resume, when cfg.resume) the training of cfg in cfg.out; returns the final evaluation.
+    def start(self, before: dict) -> Position:
+        """A fresh run: logs emptied, the pre-trained metrics logged as step 0, a first checkpoint."""
+        if self.dist.is_main:
+            truncate_logs(self.run, {}, step=0)
+        position = Position(step=0, round=0, round_step=0, pool=torch.arange(len(self.prompts)))
+        self.eval_log.write({"step": 0, **before})
+        self.checkpoint(position)
+        return position
 
-    prompts: the training prompts; evaluate_fn(adapter) -> metrics on the eval prompts (run on rank 0);
-    before: those metrics of the pre-trained model (logged as step 0)."""
-    tc = cfg.train
-    run_dir = Path(cfg.out)
-    if tc.batch_size % dist.world_size:
-        raise ValueError(f"batch_size: {tc.batch_size} is not divisible by the {dist.world_size} processes")
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    raw = adapter.model
-    params = trained_parameters(adapter, tc.trainable)
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    terms_fn = objective_terms(adapter, tc.objective, tc.beta, tc.nll_weight, tc.replay_weight)
-    loss_fn = make_loss_fn(terms_fn)
-    ddp = DistributedDataParallel(raw) if dist.enabled else raw
-    metrics_log = JsonlLogger(run_dir / "metrics.jsonl", dist.is_main)
-    eval_log = JsonlLogger(run_dir / "eval.jsonl", dist.is_main)
-    data_log = JsonlLogger(run_dir / "data.jsonl", dist.is_main)
+    def restore(self) -> Position | None:
+        """The last checkpoint's position, model and optimizer restored and the logs cut back to it;
+        None when the run has no checkpoint yet."""
+        checkpoint = load_checkpoint(self.run.root)
+        if checkpoint is None:
+            return None
+        if self.dist.is_main:
+            truncate_logs(self.run, checkpoint.logs, checkpoint.position.step)
+        self.model.load_state_dict(checkpoint.model)
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        self.dist.barrier()
+        return checkpoint.position
 
-    def evaluate_now(step: int) -> dict:
-        raw.eval()
-        metrics = evaluate_fn(adapter) if dist.is_main else None
-        metrics = dist.broadcast_object(metrics)
-        eval_log.log({"step": step, **metrics})
+    def round_data(
+        self, r: int, position: Position, previous: TrainSet | None, resume: bool, log: bool
+    ) -> TrainSet:
+        """Round r's training set (made by an earlier life of this run if its file exists); sets
+        ``position.pool`` to the discard pool after it and logs its data row when ``log``."""
+        path = self.run.round_file(r)
+        if resume and path.exists():
+            train_set, position.pool, row = load_round(path)
+        else:
+            train_set, position.pool, row = self.collect(r, position.pool, previous)
+        if log:
+            self.data_log.write({"step": position.step, **row})
+        return train_set
+
+    def optimizer_step(self, train_set: TrainSet, r: int, k: int, steps: int, step: int) -> MetricsRow:
+        """The k-th step of round r (the run's ``step``-th): batch, hooks, micro-batches, clip, AdamW;
+        returns its metrics row (the loss terms averaged over the global batch)."""
+        tc, dist = self.cfg, self.dist
+        lr = learning_rate(tc, k, steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = train_set.batch(stream_indices(len(train_set), tc.batch_size, k, tc.seed, r))
+        if tc.replay_weight:
+            batch.update(replay_batch(self.adapter, self.world, self.prompts, tc.batch_size, tc.seed, step))
+        share = tc.batch_size // dist.world_size
+        local = to_device(slice_batch(batch, dist.rank * share, (dist.rank + 1) * share), dist.device)
+        for h in self.hooks:
+            h.before_step(step, self.model, self.loss_fn, local)
+        sums = self.backward(local, share)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.params, tc.grad_clip if tc.grad_clip else float("inf")
+        )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for h in self.hooks:
+            h.after_step(step, self.model, lr)
+        names = sorted(sums)
+        totals = dist.all_reduce_sum(torch.stack([sums[n] for n in names])) / tc.batch_size
+        row: MetricsRow = {
+            "step": step,
+            "round": r,
+            "epoch": (k + 1) * tc.batch_size / len(train_set),
+            "lr": lr,
+            "grad_norm": grad_norm.item(),
+            **dict(zip(names, totals.tolist(), strict=True)),
+        }
+        if tc.objective == "dpo":
+            row["rewards/margin"] = row["rewards/chosen"] - row["rewards/rejected"]
+        return row
+
+    def backward(self, local: dict, share: int) -> dict[str, torch.Tensor]:
+        """Gradients of this rank's share of the step's loss, micro-batch by micro-batch (DDP syncs at the
+        last); returns each loss term summed over the share's items."""
+        sums: dict[str, torch.Tensor] = {}
+        starts = list(range(0, share, self.cfg.micro_batch_size))
+        for i, s in enumerate(starts):
+            micro = slice_batch(local, s, s + self.cfg.micro_batch_size)
+            sync = i == len(starts) - 1 or not self.dist.enabled
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                terms = self.terms_fn(self.ddp, micro)
+                (terms["loss"].sum() / share).backward()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float().sum()
+        return sums
+
+    def evaluate(self, step: int) -> dict:
+        """Evaluate the model (rank 0; every rank gets the metrics) and log the metrics as ``step``."""
+        self.model.eval()
+        metrics = self.evaluate_fn(self.adapter) if self.dist.is_main else None
+        metrics = self.dist.broadcast_object(metrics)
+        self.eval_log.write({"step": step, **metrics})
         return metrics
 
-    def checkpoint(step: int, round_index: int, round_step: int, pool: torch.Tensor) -> None:
-        if dist.is_main:
-            save_checkpoint(
-                run_dir,
-                {
-                    "step": step,
-                    "round": round_index,
-                    "round_step": round_step,
-                    "pool": pool,
-                    "model": raw.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in hooks],
-                },
-            )
-        dist.barrier()
+    def checkpoint(self, position: Position) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.run.root, position, self.model, self.optimizer)
+        self.dist.barrier()
 
-    # 1. start or resume: position (step, round, step in round), model, optimizer, hooks, logs
-    state = load_checkpoint(run_dir) if cfg.resume else None
-    if state is None:
-        if dist.is_main:
-            truncate_logs(run_dir, {})
-        step, start_round, start_k, pool = 0, 0, 0, torch.arange(len(prompts))
-        eval_log.log({"step": 0, **before})
-        checkpoint(0, 0, 0, pool)
-    else:
-        if dist.is_main:
-            truncate_logs(run_dir, state["logs"])
-        raw.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        for h, h_state in zip(hooks, state["hooks"], strict=False):  # a stateless extra hook may differ
-            if h_state is not None:
-                h.load_state_dict(h_state)
-        step, start_round, start_k, pool = state["step"], state["round"], state["round_step"], state["pool"]
-        dist.barrier()
+    def collect(
+        self, r: int, pool: torch.Tensor, previous: TrainSet | None
+    ) -> tuple[TrainSet, torch.Tensor, DataRow]:
+        """The data of round r: (training set, discard pool after it, a row describing the round).
 
-    train_set = None
-    for r in range(start_round, tc.rounds):
-        # 2. the round's data (made by an earlier life of this run if the file exists)
-        path = run_dir / "data" / f"round_{r}.safetensors"
-        if cfg.resume and path.exists():
-            train_set, pool, row = load_round(path)
-        else:
-            train_set, pool, row = collect_round(adapter, world, prompts, cfg, r, pool, train_set, dist)
-        k0 = start_k if r == start_round else 0
-        if k0 == 0:
-            data_log.log({"step": step, **row})
-        steps = round_steps(tc, r, len(train_set))
-
-        # 3. the round's optimizer steps
-        raw.train()
-        for k in tqdm(range(k0, steps), desc=f"{tc.objective} round {r}", disable=not dist.is_main):
-            step += 1
-            lr = learning_rate(tc, k, steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            index = stream_indices(len(train_set), tc.batch_size, k, tc.seed, r)
-            batch = train_set.batch(index)
-            if tc.replay_weight:
-                batch.update(replay_batch(adapter, world, prompts, tc.batch_size, tc.seed, step))
-            share = tc.batch_size // dist.world_size
-            local = to_device(slice_batch(batch, dist.rank * share, (dist.rank + 1) * share), dist.device)
-
-            with running(adapter, raw):
-                for h in hooks:
-                    h.before_step(step, raw, loss_fn, local)
-            sums: dict[str, torch.Tensor] = {}
-            starts = list(range(0, share, tc.micro_batch_size))
-            with running(adapter, ddp):
-                for i, s in enumerate(starts):
-                    micro = slice_batch(local, s, s + tc.micro_batch_size)
-                    sync = i == len(starts) - 1 or not dist.enabled
-                    with contextlib.nullcontext() if sync else ddp.no_sync():
-                        terms = terms_fn(ddp, micro)
-                        (terms["loss"].sum() / share).backward()
-                    for name, value in terms.items():
-                        sums[name] = sums.get(name, 0.0) + value.detach().float().sum()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip else float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            with running(adapter, raw):
-                for h in hooks:
-                    h.after_step(step, raw, lr)
-
-            # 4. log, evaluate, checkpoint
-            names = sorted(sums)
-            totals = dist.all_reduce_sum(torch.stack([sums[n] for n in names])) / tc.batch_size
-            row = {
-                "step": step,
-                "round": r,
-                "epoch": (k + 1) * tc.batch_size / len(train_set),
-                "lr": lr,
-                "grad_norm": grad_norm.item(),
-                **dict(zip(names, totals.tolist(), strict=True)),
-            }
-            if tc.objective == "dpo":
-                row["rewards/margin"] = row["rewards/chosen"] - row["rewards/rejected"]
-            metrics_log.log(row)
-            last = r == tc.rounds - 1 and k == steps - 1  # the final evaluation comes after the loop
-            if tc.eval_every and step % tc.eval_every == 0 and not last:
-                evaluate_now(step)
-                raw.train()
-            if step % tc.checkpoint_every == 0 or k == steps - 1:
-                checkpoint(step, r, k + 1, pool)
-    final = evaluate_now(step) if step else before
-    raw.eval()
-    return {"step": step, **final}
-
-
-def slice_batch(batch: dict, start: int, stop: int) -> dict:
-    """Items [start, stop) of a batch dict (lists and tensors sliced along the first axis)."""
-    return {k: v[start:stop] for k, v in batch.items()}
-
-
-@torch.no_grad()
-def co_improvement(adapter: UnifiedAdapter, records: Sequence, chunk: int = 256) -> dict:
-    """The current model's judgement of the pre-trained model's generations against the oracle.
-
-    records: the pre-trained evaluation's candidate records (``.prompt`` with ``.text``, ``.image``
-    LongTensor[L], ``.verdict`` then, ``.oracle``). With v0 the pre-trained verdict, v the current one
-    (P(yes) > 1/2) and o the oracle:
-        co/fp_rejected = P(v = 0 | v0 = 1, o = 0)    former false positives now rejected
-        co/tp_kept     = P(v = 1 | v0 = 1, o = 1)    true positives kept
-        co/fn_accepted = P(v = 1 | v0 = 0, o = 1)    former false negatives now accepted
-        co/und_win     = P(v = o | v != v0)          exact-oracle win rate over the pre-trained judge
-                                                     (paper's Und-win; 0.5 when no verdict changed)
-        co/judge_accuracy = P(v = o)
-    A rate whose condition is empty is None.
-    """
-    images = torch.stack([r.image for r in records])
-    texts = [r.prompt.text for r in records]
-    p_yes = torch.cat(
-        [
-            adapter.judge(images[s : s + chunk], texts[s : s + chunk]).p_yes.float().cpu()
-            for s in range(0, len(texts), chunk)
-        ]
-    )
-    now = p_yes > 0.5
-    then = torch.tensor([bool(r.verdict) for r in records])
-    oracle = torch.tensor([bool(r.oracle) for r in records])
-
-    def rate(hit: torch.Tensor, given: torch.Tensor) -> float | None:
-        return (hit & given).sum().item() / given.sum().item() if given.any() else None
-
-    changed = now != then
-    return {
-        "co/fp_rejected": rate(~now, then & ~oracle),
-        "co/tp_kept": rate(now, then & oracle),
-        "co/fn_accepted": rate(now, ~then & oracle),
-        "co/und_win": rate(now == oracle, changed) if changed.any() else 0.5,
-        "co/judge_accuracy": (now == oracle).float().mean().item(),
-    }
+        Algorithm 1 on every prompt, except in rounds r > 0 of a curriculum run: Algorithm 2, only the
+        pool (prompts with no accepted candidate so far) is regenerated and judged by the current model,
+        and what it now accepts is added to ``previous``. pool: LongTensor of run-level prompt indices."""
+        dc, tc, prompts = self.data_cfg, self.cfg, self.prompts
+        revisit = tc.run == "curriculum" and r > 0
+        index = pool if revisit else torch.arange(len(prompts))
+        self.model.eval()
+        candidates = collect_candidates(
+            self.adapter,
+            self.world,
+            [prompts[i] for i in index.tolist()],
+            index,
+            dc.candidates,
+            dc.temperature,
+            dc.gen_batch,
+            tc.seed,
+            r,
+            self.dist,
+        )
+        accepted = accepted_mask(candidates, dc.judge, dc.accept_threshold)
+        thresholds = (dc.sft_threshold, dc.dpo_margin) if dc.judge == "self" else (0.0, 0.0)
+        selection = select(candidates.p_yes, accepted, *thresholds)
+        new = build_train_set(
+            self.adapter, candidates, selection, prompts, tc.objective, dc.gen_batch, self.dist
+        )
+        new_pool = index[selection.discard]
+        train_set = previous.concat(new) if revisit else new
+        row: DataRow = {
+            "round": r,
+            "kind": "curriculum" if revisit else "collect",
+            "prompts": len(index),
+            "added_prompts": len(index) - len(new_pool),
+            "added_items": len(new),
+            "pool": len(new_pool),
+            "candidate_precision": candidates.oracle.float().mean().item(),
+            "accept_rate": accepted.float().mean().item(),
+            **train_set.stats(),
+        }
+        if self.dist.is_main:
+            save_round(self.run.root, r, prompts, candidates, accepted, selection, train_set, new_pool, row)
+        self.dist.barrier()
+        return train_set, new_pool, row

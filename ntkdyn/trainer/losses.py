@@ -61,8 +61,8 @@ def objective_terms(
     """``terms(model, batch) -> {name: Tensor[B]}``: "loss" (the per-sample objective above) and its parts
     ("sft/nll"; "dpo/loss", "rewards/chosen", "rewards/rejected", "dpo/nll"; "replay/loss").
 
-    The adapter runs its own ``self.model``; ``model`` is accepted for the ``fn(model, batch)`` contract
-    (the tracker passes the same module, whose parameters it may swap with torch.func).
+    Every term runs ``model``: the trainer passes its DistributedDataParallel wrapper (or the model), the
+    tracker the module whose parameters it swaps.
     """
     if objective not in ("sft", "dpo"):
         raise ValueError(f"objective: expected 'sft' or 'dpo', got {objective!r}")
@@ -71,20 +71,20 @@ def objective_terms(
     def terms(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         if objective == "sft":
-            out["sft/nll"] = -adapter.gen_logprob(batch["prompts"], batch["images"]) / tokens
+            out["sft/nll"] = -adapter.gen_logprob(batch["prompts"], batch["images"], model) / tokens
             loss = out["sft/nll"]
         else:
             # two forwards of B rows each (not one of 2B): the projector needs every forward inside a
             # per-sample fn to have one row per output
-            chosen = adapter.gen_logprob(batch["prompts"], batch["images"])
-            rejected = adapter.gen_logprob(batch["prompts"], batch["rejected"])
+            chosen = adapter.gen_logprob(batch["prompts"], batch["images"], model)
+            rejected = adapter.gen_logprob(batch["prompts"], batch["rejected"], model)
             out["dpo/loss"] = dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], beta)
             out["rewards/chosen"] = beta * (chosen - batch["ref_chosen"]).detach()
             out["rewards/rejected"] = beta * (rejected - batch["ref_rejected"]).detach()
             out["dpo/nll"] = -chosen / tokens
             loss = out["dpo/loss"] + nll_weight * out["dpo/nll"] if nll_weight else out["dpo/loss"]
         if replay_weight:
-            log_odds = adapter.judge(batch["replay_images"], batch["replay_prompts"]).log_odds
+            log_odds = adapter.judge(batch["replay_images"], batch["replay_prompts"], model).log_odds
             out["replay/loss"] = replay_loss(log_odds, batch["replay_labels"])
             loss = loss + replay_weight * out["replay/loss"]
         out["loss"] = loss

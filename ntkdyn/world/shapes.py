@@ -18,6 +18,9 @@ constraints a generated scene must meet at once):
     spatial_relation    "a red circle left of a blue square"               2 bindings + a relation
     compositional       "a red circle above a blue cross and a green square"  3 bindings + a relation
 (objects without a color may have any color).
+
+One module on purpose (a little over 400 lines): prompts, the oracle, sampling, hard negatives,
+rendering and parsing all read the same vocabulary, codes and grid of one ShapesWorld.
 """
 
 from __future__ import annotations

@@ -20,9 +20,13 @@ loss_fn: ``loss_fn(model, inputs) -> Tensor[B]`` per-sample training losses of t
 inputs, whose mean is the step loss; None skips the kernel form (``predicted_sgd``) while the
 exact and feature predictions, which only need the real update, remain. Steps are numbered as
 ``state.global_step`` after the update (1, 2, ...); step s is tracked when s % every == 0.
-Rows are the same ``dynamics.jsonl`` rows as every other way of tracking. Probes are measured in
-fp32 and eval mode even when the trainer runs under bf16 autocast (accelerate's autocast wrapper
-of the forward is bypassed while measuring): one step's change is below bf16 resolution.
+The outputs are those of every other way of tracking (ntkdyn.analysis.tracker: dynamics.jsonl,
+ntk.jsonl, kernels/). A trainer resumed from its own checkpoint (``trainer.train(
+resume_from_checkpoint=...)``) continues them: what was written for later steps is dropped at the
+start (ntkdyn.rundir.truncate_tracking). Batches go to the model's device with ntkdyn.batch.to_device.
+Probes are measured in fp32 and eval mode even when the trainer runs under bf16 autocast
+(accelerate's autocast wrapper of the forward is bypassed while measuring): one step's change is
+below bf16 resolution.
 """
 
 from __future__ import annotations
@@ -34,10 +38,11 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from ntkdyn.analysis.dynamics import DynamicsTracker
 from ntkdyn.analysis.probes import Fn, ProbeGroup
 from ntkdyn.analysis.projector import ProjectionConfig
-from ntkdyn.trainer.data import to_device
+from ntkdyn.analysis.tracker import DynamicsTracker
+from ntkdyn.batch import to_device
+from ntkdyn.rundir import RunDir, truncate_tracking
 
 
 class NTKDynamicsCallback(TrainerCallback):
@@ -124,6 +129,8 @@ class NTKDynamicsCallback(TrainerCallback):
             raise RuntimeError(
                 "NTKDynamicsCallback needs the step's batches: call cb.attach(trainer) before trainer.train()"
             )
+        if state.global_step > 0 and state.is_world_process_zero:  # resumed from a trainer checkpoint
+            truncate_tracking(RunDir(self.out_dir), state.global_step)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.tracker is not None and state.global_step % self.every == 0:

@@ -1,0 +1,358 @@
+"""GradientProjector: record one run of fn, read each recorded tensor's sample layout from autograd, turn
+output-gradients into per-sample gradient blocks (rules or the generic path), project, and self-check."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ntkdyn.analysis.projector.capture import FunctionUse, Recorded, Rewrite, Run, record, subsume
+from ntkdyn.analysis.projector.checks import block_errors, invisible_uses, shared_output_error
+from ntkdyn.analysis.projector.config import ProjectionConfig, owners, select_parameters
+from ntkdyn.analysis.projector.errors import SelfCheckError, UnsupportedModuleError
+from ntkdyn.analysis.projector.generic import generic_blocks
+from ntkdyn.analysis.projector.layout import find_layout, sample_codes, tolerance
+from ntkdyn.analysis.projector.sketches import Sketch
+from ntkdyn.kernels.kron_projection import triton_available
+
+Fn = Callable[[nn.Module, Any], torch.Tensor]
+_COMPILED_PREFIX = "_orig_mod."
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    """torch.compile(module) (an OptimizedModule wrapper) or module.compile()."""
+    wrapper = type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod")
+    return wrapper or getattr(module, "_compiled_call_impl", None) is not None
+
+
+class GradientProjector:
+    """Projected per-sample gradients; see :mod:`ntkdyn.analysis.projector`.
+
+    model: the nn.Module whose parameters are tracked (a torch.compile'd model is unwrapped; fn gets
+    the unwrapped module). config: a :class:`ProjectionConfig`.
+    """
+
+    def __init__(self, model: nn.Module, config: ProjectionConfig | None = None):
+        self._prefix = ""
+        while type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            model, self._prefix = model._orig_mod, self._prefix + _COMPILED_PREFIX
+        self.model = model
+        self.config = ProjectionConfig() if config is None else config
+        self._params = select_parameters(model, self.config)
+        self._check_implementation()
+        holders = owners(model)
+        self._owner_names = {name: [o[0] for o in holders[id(p)]] for name, p in self._params.items()}
+        canonical = {id(p): name for name, p in self._params.items()}
+        self._alias_to_name = {
+            alias: canonical[id(p)]
+            for alias, p in model.named_parameters(remove_duplicate=False)
+            if id(p) in canonical
+        }
+        self._names = canonical
+        self._all_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+        self._containers: dict[int, set[int]] = {id(p): set() for p in self._params.values()}
+        for module in model.modules():
+            for param in module.parameters():
+                if id(param) in self._containers:
+                    self._containers[id(param)].add(id(module))
+        self._compiled = [name for name, m in model.named_modules() if _is_compiled(m)]
+        self._sketch = Sketch(self.config, self._params)
+        self._checked: list[Fn] = []  # the fns whose first per_sample call passed the self-check
+
+    def _check_implementation(self) -> None:
+        if self.config.implementation != "triton":
+            return
+        if not triton_available():
+            raise ImportError(
+                "ProjectionConfig.implementation='triton' needs the triton package, which "
+                "cannot be imported here; install triton (Linux) or use 'auto'/'torch'"
+            )
+        cpu = next(iter(self._params.values())).device.type == "cpu"
+        if cpu and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError(
+                "ProjectionConfig.implementation='triton' with a CPU model needs TRITON_INTERPRET=1 "
+                "(the Triton interpreter); use 'auto' or 'torch' on CPU"
+            )
+
+    # ------------------------------------------------------------------ public API
+    def tracked_parameters(self) -> dict[str, nn.Parameter]:
+        """Exactly the parameters the features cover, by their first name."""
+        return dict(self._params)
+
+    @property
+    def feature_dim(self) -> int:
+        """D, the length of every feature row."""
+        return self._sketch.feature_dim
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """Everything that fixes the feature space; equal specs give comparable features."""
+        c = self.config
+        return {
+            "kind": c.kind,
+            "k": c.k,
+            "seed": c.seed,
+            "distribution": c.distribution,
+            "second_stage_k": c.second_stage_k,
+            "second_stage_include": c.second_stage_include,
+            "parameters": tuple((n, tuple(p.shape)) for n, p in self._params.items()),
+            "feature_dim": self.feature_dim,
+        }
+
+    def check_compatible(self, other: GradientProjector) -> None:
+        """Raise ValueError naming what differs if features of the two projectors are not comparable."""
+        mine, theirs = self.spec, other.spec
+        differing = [key for key in mine if mine[key] != theirs[key]]
+        if differing:
+            detail = "; ".join(
+                f"{key}: {mine[key]!r} vs {theirs[key]!r}" for key in differing if key != "parameters"
+            )
+            if "parameters" in differing:
+                detail += "; tracked parameters differ"
+            raise ValueError(
+                f"incompatible projectors (feature dims {self.feature_dim} vs {other.feature_dim}): {detail}"
+            )
+
+    def per_sample(self, fn: Fn, batch: Any) -> torch.Tensor:
+        """Phi [B, D]: row b projects grad_theta fn(model, batch)[b] (fn returns Tensor[B]). float64 for
+        kind="exact" on a float64 model, float32 otherwise.
+
+        One forward and two backward passes to the recorded outputs (a second forward when a recorded
+        output with 1 row is broadcast over the batch); .grad fields are not touched; works under an
+        outer torch.no_grad. The first call with each fn also runs :meth:`check`
+        (``ProjectionConfig.self_check``).
+        """
+        blocks, values = self._blocks(fn, batch)
+        if self.config.self_check and not any(f is fn for f in self._checked):
+            self._compare(fn, batch, blocks, values)
+            self._checked.append(fn)
+        return self._sketch.finish(blocks, values.shape[0], values.device)
+
+    def check(self, fn: Fn, batch: Any) -> dict[str, float]:
+        """Self-check: for random per-sample weights w, sum_b w_b phi_b must equal the projection of the
+        gradient of sum_b w_b fn(model, batch)[b] (one extra forward and backward), per feature block.
+        Returns the relative error per tracked parameter; raises SelfCheckError naming every parameter
+        whose error exceeds the tolerance of the computation's dtype, or when fn is not deterministic."""
+        blocks, values = self._blocks(fn, batch)
+        return self._compare(fn, batch, blocks, values)
+
+    def project_update(self, delta: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The same projection of a parameter-shaped update: Tensor[D] (dtype as per_sample's).
+
+        delta: name -> tensor shaped like the parameter, for every tracked parameter (any of a tied
+        parameter's names); entries for untracked parameters of the model are ignored.
+        """
+        by_name: dict[str, torch.Tensor] = {}
+        for alias, value in delta.items():
+            key = alias.removeprefix(self._prefix) if self._prefix else alias
+            if key not in self._all_names:
+                raise ValueError(f"project_update: {alias!r} is not a parameter of the model")
+            name = self._alias_to_name.get(key)
+            if name is None:
+                continue
+            if tuple(value.shape) != tuple(self._params[name].shape):
+                raise ValueError(
+                    f"project_update: delta[{alias!r}] has shape {tuple(value.shape)}, the parameter has "
+                    f"{tuple(self._params[name].shape)}"
+                )
+            by_name[name] = value
+        missing = [n for n in self._params if n not in by_name]
+        if missing:
+            raise ValueError(f"project_update: delta lacks tracked parameters {missing}")
+        device = next(iter(self._params.values())).device
+        blocks = {
+            name: self._sketch.project(name, by_name[name].detach().to(device).reshape(1, *block.shape2d))
+            for name, block in self._sketch.blocks.items()
+        }
+        return self._sketch.finish(blocks, 1, device)[0]
+
+    # ------------------------------------------------------------------ internals
+    def _eager(self) -> contextlib.AbstractContextManager:
+        """torch.compile'd submodules run eagerly (their graphs would hide the calls from the recorder)."""
+        if not self._compiled:
+            return contextlib.nullcontext()
+        if not hasattr(torch.compiler, "set_stance"):
+            raise UnsupportedModuleError(
+                f"module '{self._compiled[0]}' is torch.compile'd: running it eagerly for the per-sample "
+                "gradients needs torch>=2.6 (torch.compiler.set_stance); pass the module before torch.compile"
+            )
+        return torch.compiler.set_stance("force_eager")
+
+    def _record(self, fn: Fn, batch: Any, rewrite: Rewrite | None = None) -> Run:
+        run = record(self.model, fn, batch, self._names, self._containers, rewrite or Rewrite())
+        if run.outside:
+            uses = ", ".join(
+                f"{name!r} of {self._modules_of(name)} (by {func})" for name, func in run.outside
+            )
+            raise UnsupportedModuleError(
+                f"tracked parameters used outside every call of a module that holds them (e.g. directly in "
+                f"fn): {uses}. A use is attributed to the module call in progress that holds the "
+                "parameter: call the model (or that module) inside fn, or exclude the parameter via "
+                "ProjectionConfig.exclude"
+            )
+        return run
+
+    def _modules_of(self, name: str) -> str:
+        """The modules holding a tracked parameter, for messages."""
+        return ", ".join(f"module {o!r}" if o else "the model" for o in self._owner_names[name])
+
+    def _blocks(self, fn: Fn, batch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per-sample blocks {name: [B, k0, k1]} (absent: zero) and fn's values [B] (detached)."""
+        with torch.enable_grad(), self._eager():
+            run = self._record(fn, batch)
+            B = run.values.shape[0]
+            run, broadcast_tried = self._rerun(fn, batch, run, B)
+            run.items = subsume(run.items)
+            problems = invisible_uses(run, self._names)
+            if problems:
+                detail = "; ".join(
+                    f"{name!r} of {self._modules_of(name)}: {why}" for name, why in problems.items()
+                )
+                raise UnsupportedModuleError(
+                    f"tracked parameters reach fn's output where the projector cannot see them: {detail}. "
+                    "Exclude them via ProjectionConfig.exclude (with reentrant checkpointing: use "
+                    "use_reentrant=False)"
+                )
+            for item in run.items:
+                if _modified(item):
+                    raise UnsupportedModuleError(
+                        f"{item.where}: a tensor it used or returned was modified in place later inside fn, "
+                        "and re-running fn with a copy of it failed or changed fn's values; per-sample "
+                        "gradients need its value at the time of the call"
+                    )
+            acc: dict[str, torch.Tensor] = {}
+            for item, grads in zip(run.items, self._output_gradients(run, B, broadcast_tried), strict=True):
+                for name, samples, block in self._item_blocks(item, grads, B):
+                    if name not in acc:
+                        acc[name] = torch.zeros(B, *block.shape[1:], dtype=block.dtype, device=block.device)
+                    if block.shape[0] == B:  # samples == arange(B)
+                        acc[name] += block
+                    else:
+                        acc[name].index_add_(0, samples, block)
+        bad = [f"{name} ({self._modules_of(name)})" for name, v in acc.items() if not v.isfinite().all()]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite (NaN/Inf) per-sample gradient features for: {'; '.join(bad)}"
+            )
+        return acc, run.values.detach()
+
+    def _output_gradients(self, run: Run, B: int, broadcast_tried: bool) -> list[list]:
+        """Per item, per leaf: (g = d sum_b f_b / d leaf, its layout), or None where g is zero."""
+        leaves = [leaf for item in run.items for leaf in item.leaves]
+        g1 = torch.autograd.grad(run.values.sum(), leaves, retain_graph=B > 1, allow_unused=True)
+        codes = sample_codes(B, run.values.dtype, run.values.device)
+        gr = torch.autograd.grad((run.values * codes).sum(), leaves, allow_unused=True) if B > 1 else g1
+        out, position, non_finite = [], 0, []
+        for item in run.items:
+            grads = []
+            for leaf in item.leaves:
+                g, g_r = g1[position], gr[position]
+                position += 1
+                if g is None or not bool(g.any()):
+                    grads.append(None)
+                elif not bool(torch.isfinite(g).all()):
+                    non_finite += [f"{name} ({item.where})" for name in item.params.values()]
+                    grads.append(None)
+                else:
+                    layout = find_layout(g, g_r, codes)
+                    if layout is None:
+                        raise shared_output_error(item, leaf, B, broadcast_tried)
+                    grads.append((g, layout))
+            out.append(grads)
+        if non_finite:
+            raise FloatingPointError(
+                f"non-finite (NaN/Inf) output-gradients, so per-sample features, for: "
+                f"{'; '.join(dict.fromkeys(non_finite))}"
+            )
+        return out
+
+    def _item_blocks(self, item: Recorded, grads: list, B: int):
+        if isinstance(item, FunctionUse):
+            if grads[0] is not None:
+                g, layout = grads[0]
+                yield from item.rule.blocks(item, g, layout, B, self._sketch)
+            return
+        yield from generic_blocks(item, grads, B, self._sketch)
+
+    def _rerun(self, fn: Fn, batch: Any, run: Run, B: int) -> tuple[Run, bool]:
+        """Run fn again, rewriting two kinds of recorded items (:class:`Rewrite`), when the first run has
+        any: outputs with 1 row while fn returned B > 1 values, usually broadcast over the batch (GPT-2's
+        position embedding of position_ids [1, T]), which have no per-sample gradient until expanded to
+        B rows; tensors the model modified in place after the call. A run is kept only if fn's values
+        are the same. If expanding all the 1-row outputs fails, each is tried alone (one more forward
+        each) and those that work are expanded together; with none, the first run stands (e.g. fn ran
+        the model once per sample) and the layouts and the version check decide. Returns (the run,
+        whether an expansion was tried)."""
+        expand = frozenset(
+            item.index
+            for item in run.items
+            if B > 1 and any(x.dim() > 0 and x.shape[0] == 1 for x in item.leaves)
+        )
+        copy = frozenset(item.index for item in run.items if _modified(item))
+        if not expand and not copy:
+            return run, False
+        again = self._same_values(fn, batch, run, Rewrite(expand, copy, B))
+        if again is None and len(expand) > 1:
+            working = frozenset(
+                i for i in expand if self._same_values(fn, batch, run, Rewrite(frozenset({i}), copy, B))
+            )
+            again = self._same_values(fn, batch, run, Rewrite(working, copy, B))
+        return (run if again is None else again), bool(expand)
+
+    def _same_values(self, fn: Fn, batch: Any, run: Run, rewrite: Rewrite) -> Run | None:
+        """fn run with ``rewrite``, or None if that fails or changes fn's values."""
+        try:
+            again = self._record(fn, batch, rewrite)
+        except UnsupportedModuleError:
+            raise
+        except Exception:  # noqa: BLE001 - the expansion broke the model's shapes: not a broadcast
+            return None
+        tol = tolerance(run.values.dtype)
+        first, second = run.values.detach(), again.values.detach()
+        same = second.shape == first.shape and torch.allclose(
+            second, first, rtol=tol, atol=tol * float(first.abs().max())
+        )
+        return again if same else None
+
+    def _compare(
+        self, fn: Fn, batch: Any, blocks: dict[str, torch.Tensor], values: torch.Tensor
+    ) -> dict[str, float]:
+        """The self-check of :meth:`check` on already computed blocks and values."""
+        w = torch.randn(values.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        with torch.enable_grad(), self._eager():
+            again = fn(self.model, batch)
+            tol = tolerance(values.dtype)
+            if again.shape != values.shape or not torch.allclose(
+                again.detach(), values, rtol=tol, atol=tol * float(values.abs().max())
+            ):
+                raise SelfCheckError(
+                    "fn gave different values on two calls with the same batch: per-sample gradients need a "
+                    "deterministic fn; call model.eval() (dropout) and fix any other randomness in fn"
+                )
+            grads = torch.autograd.grad(
+                (again * w.to(again)).sum(), list(self._params.values()), allow_unused=True
+            )
+        device = values.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else values.dtype
+        grads = dict(zip(self._params, grads, strict=True))
+        errors, bad = block_errors(self._sketch, self._params, blocks, grads, w, compute)
+        if bad:
+            detail = "; ".join(
+                f"{name} ({self._modules_of(name)}): relative error {errors[name]:.2e}" for name in bad
+            )
+            raise SelfCheckError(
+                "per-sample features disagree with the full-batch gradient (sum_b w_b phi_b vs the projected "
+                f"gradient of sum_b w_b f_b) for: {detail}. This is a bug of the projector or a use of the "
+                "parameters it cannot see; please report it with the model"
+            )
+        return errors
+
+
+def _modified(item: Recorded) -> bool:
+    """Whether a tensor the item recorded was modified in place after the call."""
+    return any(tensor._version != version for tensor, version in item.versions)
