@@ -12,7 +12,7 @@ factor, and the Pearson correlation of predicted with observed change (exact fir
 features, SGD kernel form) per branch over the run's tracked steps, as a Markdown table.
 
     python benchmarks/tracking.py --ks 64 128 --probes 2 8 --steps 12  # the grid of BENCHMARKS.md
-    python benchmarks/tracking.py --ks 64 --probes 8 --model-dir ~/.cache/ntkdyn/toy-<hash>  # pre-trained
+    python benchmarks/tracking.py --ks 64 --probes 8 --model-dir ntkdyn/models/pretrained/toy  # shipped
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
     RunConfig           model, run directory, resume, tracking on/off, threads
       train  TrainConfig      optimisation (ntkdyn.trainer.config)
       data   DataConfig       self-improvement data: candidates, judge, filters (ntkdyn.trainer.config)
+      selection SelectionConfig  label-free checkpoint selection, off by default (ntkdyn.trainer.config)
       tracking TrackingConfig learning-dynamics tracking and its probes
         projection ProjectionConfig   the projection of the features (ntkdyn.analysis.projector)
       eval   EvalConfig       evaluation on held-out eval prompts
@@ -23,7 +24,7 @@ from typing import Any
 from ntkdyn.analysis.projector import ProjectionConfig
 from ntkdyn.cli import model_option, option_flags
 from ntkdyn.models import check_model_spec
-from ntkdyn.trainer.config import DataConfig, TrainConfig
+from ntkdyn.trainer.config import DataConfig, SelectionConfig, TrainConfig
 
 TRACKING_K = (
     128  # keeps the feature predictor within 0.05 Pearson of the exact one on the toy (BENCHMARKS.md)
@@ -107,6 +108,7 @@ class RunConfig:
     )
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"cli_prefix": ""})
     data: DataConfig = field(default_factory=DataConfig, metadata={"cli_prefix": ""})
+    selection: SelectionConfig = field(default_factory=SelectionConfig, metadata={"cli_prefix": ""})
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"cli_prefix": ""})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"cli_prefix": ""})
 

@@ -15,7 +15,9 @@ Layout of a run directory (``RunDir``; ARCHITECTURE.md describes each file)::
     data.jsonl                    DataRow per data round                 } byte lengths on --resume
     dynamics.jsonl                ProbeRow per probe and tracked step    }
     ntk.jsonl                     KernelRow of kernel scalars per tracked step }
+    selection.jsonl               SelectionRow per label-free selection point }
     kernels/step_SSSSSS.safetensors   eNTK blocks of a tracked step (kernel_key names)
+    selection/step_SSSSSS.safetensors trained weights of a selection point, while it can be selected
     checkpoint.safetensors        model, optimizer, RNGs, position (ntkdyn.state_file: no pickle)
     summary.json                  before/after/delta, dynamics statistics, mean kernel scalars
     figures/                      PNG and PDF of ntkdyn.plot
@@ -24,6 +26,8 @@ Every file that is not a log is replaced atomically (:func:`atomic_write`: writt
 fsynced, then renamed), so a killed process leaves the previous version or the new one, never half.
 A log row is appended and flushed at once; a kill can tear only the last line, which
 :func:`read_jsonl` drops.
+
+(Over 400 lines: every name, row type and key of a run directory lives here, in one place.)
 """
 
 from __future__ import annotations
@@ -90,8 +94,16 @@ class RunDir:
         return self.root / "checkpoint.pt"
 
     @property
+    def selection_log(self) -> Path:
+        return self.root / "selection.jsonl"
+
+    @property
     def kernels(self) -> Path:
         return self.root / "kernels"
+
+    @property
+    def selection(self) -> Path:
+        return self.root / "selection"
 
     @property
     def figures(self) -> Path:
@@ -113,6 +125,14 @@ class RunDir:
         """Every kernel file, in step order."""
         return sorted(self.kernels.glob("step_*.safetensors"), key=kernel_file_step)
 
+    def selection_file(self, step: int) -> Path:
+        """selection/step_SSSSSS.safetensors: the trained weights of a selection point."""
+        return self.selection / KERNEL_FILE.format(step=step)
+
+    def selection_files(self) -> list[Path]:
+        """Every selection weights file, in step order."""
+        return sorted(self.selection.glob("step_*.safetensors"), key=kernel_file_step)
+
     def round_file(self, round_index: int, suffix: str = ".safetensors") -> Path:
         """data/round_R.safetensors (tensors) or data/round_R.jsonl (one readable row per prompt)."""
         return self.root / "data" / f"round_{round_index}{suffix}"
@@ -123,11 +143,11 @@ class RunDir:
 
 
 def kernel_file_step(path: str | os.PathLike) -> int:
-    """The step of a kernels/step_SSSSSS.safetensors path."""
+    """The step of a kernels/ or selection/ step_SSSSSS.safetensors path."""
     stem = Path(path).stem
     prefix, _, digits = stem.partition("_")
     if prefix != "step" or not digits.isdigit():
-        raise ValueError(f"{path}: not a kernel file name (expected {KERNEL_FILE})")
+        raise ValueError(f"{path}: not a step file name (expected {KERNEL_FILE})")
     return int(digits)
 
 
@@ -157,10 +177,14 @@ MetricsRow = TypedDict(
 
 
 class EvalRow(TypedDict, total=False):
-    """One evaluation: ``step`` and the evaluation's metrics (ntkdyn.evaluate.METRIC_KEYS, their
-    ``per_category`` and the co-improvement keys ``co/...``)."""
+    """One evaluation: ``step`` (of the model evaluated) and the evaluation's metrics
+    (ntkdyn.evaluate.METRIC_KEYS, their ``per_category`` and the co-improvement keys ``co/...``). The final
+    row of a run with label-free selection evaluates the selected point's model and adds
+    ``selected_step`` (= step) and ``last_step`` (the steps trained)."""
 
     step: int
+    selected_step: int
+    last_step: int
 
 
 DataRow = TypedDict(
@@ -181,6 +205,18 @@ DataRow = TypedDict(
     },
     total=False,
 )
+
+
+class SelectionRow(TypedDict):
+    """One label-free selection point (ntkdyn.trainer.selection): the frozen pre-trained judge's mean
+    P(yes) of the model's generations on held-out prompts after ``step`` steps, its standard error over
+    prompts, the step the rule selects among the points so far, and whether training stops here."""
+
+    step: int
+    score: float
+    stderr: float
+    selected_step: int
+    stop: bool
 
 
 class ProbeRow(TypedDict):
@@ -369,12 +405,12 @@ def log_lengths(run: RunDir) -> dict[str, int]:
 
 def truncate_logs(run: RunDir, lengths: dict[str, int], step: int) -> None:
     """Cut the run back to a checkpoint: every log to ``lengths[name]`` bytes (0 for a log the checkpoint
-    does not know), and the kernel files of steps after ``step`` deleted. Rows written after the
-    checkpoint, a torn last row included, are dropped and written again by the resumed run."""
+    does not know), and the kernel and selection files of steps after ``step`` deleted. Rows written
+    after the checkpoint, a torn last row included, are dropped and written again by the resumed run."""
     for path in run.logs():
         with open(path, "r+b") as f:
             f.truncate(min(lengths.get(path.name, 0), path.stat().st_size))
-    truncate_kernels(run, step)
+    delete_step_files([*run.kernel_files(), *run.selection_files()], step)
 
 
 def truncate_tracking(run: RunDir, step: int) -> None:
@@ -384,10 +420,11 @@ def truncate_tracking(run: RunDir, step: int) -> None:
     for path in (run.dynamics, run.ntk):
         if path.exists():
             atomic_write(path, "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r["step"] <= step))
-    truncate_kernels(run, step)
+    delete_step_files(run.kernel_files(), step)
 
 
-def truncate_kernels(run: RunDir, step: int) -> None:
-    for path in run.kernel_files():
+def delete_step_files(paths: Iterable[Path], step: int) -> None:
+    """Delete the step_SSSSSS files among ``paths`` of steps after ``step``."""
+    for path in paths:
         if kernel_file_step(path) > step:
             path.unlink()

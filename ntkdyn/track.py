@@ -11,8 +11,10 @@
    (the ``before`` metrics and its judged generations, kept in the run directory); 2. build the
    tracker (unless --no-track); 3. train (ntkdyn.trainer.loop.Trainer); 4. write ``summary.json``:
    ``before`` and ``after`` (the keys of ntkdyn.evaluate plus the co-improvement keys ``co/...``),
-   ``delta``, ``co_degradation`` (both branches fell), ``dynamics`` and ``ntk`` (tracking), and print
-   a before/after table. The run directory's files: ntkdyn.rundir and ARCHITECTURE.md.
+   ``delta``, ``co_degradation`` (both branches fell), ``dynamics`` and ``ntk`` (tracking),
+   ``selection`` (label-free checkpoint selection, --select-every K: ``after`` is then the selected
+   step's model), and print a before/after table. The run directory's files: ntkdyn.rundir and
+   ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -146,7 +148,15 @@ def format_summary(summary: dict) -> str:
     def cell(x):
         return f"{x:9.3f}" if isinstance(x, float) else f"{'-':>9}"
 
-    lines = [f"{'metric':<22}{'before':>9}{'after':>9}{'delta':>9}"]
+    lines = []
+    if "selection" in summary:
+        sel = summary["selection"]
+        stop = ", training stopped there: it had passed its best" if sel["stopped_early"] else ""
+        lines.append(
+            f"after = the model of step {sel['selected_step']} (label-free selection among "
+            f"{len(sel['points'])} points; last step {sel['last_step']}{stop})"
+        )
+    lines.append(f"{'metric':<22}{'before':>9}{'after':>9}{'delta':>9}")
     for k in TABLE_KEYS:
         lines.append(
             f"{k:<22}{cell(summary['before'].get(k))}{cell(summary['after'].get(k))}"
@@ -211,11 +221,23 @@ def run(cfg: RunConfig) -> dict:
         return {**metrics, **co_improvement(model_adapter, pretrained_records)}
 
     trainer = Trainer(
-        adapter, world, prompts, cfg.train, cfg.data, run_dir.root, evaluate_fn, dist=dist, hooks=hooks
+        adapter,
+        world,
+        prompts,
+        cfg.train,
+        cfg.data,
+        run_dir.root,
+        evaluate_fn,
+        dist=dist,
+        hooks=hooks,
+        selection=cfg.selection,
     )
     final = trainer.train(before, resume=cfg.resume)
-    summary = summarize(before, {k: v for k, v in final.items() if k != "step"}, cfg)
+    after = {k: v for k, v in final.items() if k not in ("step", "selection")}
+    summary = summarize(before, after, cfg)
     summary.update(steps=final["step"], wall_s=time.time() - start)
+    if "selection" in final:
+        summary["selection"] = final["selection"]
     if hooks:
         summary["dynamics"] = hooks[0].summary()
         summary["ntk"] = mean_kernel_scalars(read_jsonl(run_dir.ntk))

@@ -50,6 +50,11 @@ def parse(argv, cls=RunConfig):
         (["--model", "nope"], "unknown model 'nope'"),
         (["--model", "janus", "a", "b"], "NAME [PATH]"),
         (["--prompts", "no-such-file.txt"], "prompts"),
+        (["--select-every", "-1"], "select_every"),
+        (["--select-every", "5", "--select-prompts", "1"], "select_prompts"),
+        (["--select-every", "5", "--select-candidates", "0"], "select_candidates"),
+        (["--select-every", "5", "--patience", "-1"], "patience"),
+        (["--patience", "2"], "patience: early stopping (patience 2) needs selection points"),
     ],
 )
 def test_bad_options_fail_before_any_model_is_loaded(tmp_path, capsys, no_model_loading, args, message):
@@ -97,6 +102,7 @@ def test_out_dir_holding_another_run_needs_resume_with_the_same_options(tmp_path
     for changed, flag in (
         (["--beta", "0.2"], "--beta"),
         (["--track-every", "20"], "--track-every"),
+        (["--select-every", "20"], "--select-every"),
         (
             ["--proj-k", "64"],
             "--proj-k",

@@ -54,8 +54,8 @@ def _same_rows(a, b):
         assert_same_values(x, y)
 
 
-def test_kill9_then_resume_matches_an_uninterrupted_run(tmp_path):
-    killed, whole = tmp_path / "killed", tmp_path / "whole"
+def _run_killed(tmp_path, kill_at: int, args, out: Path) -> None:
+    """Run ntkdyn.track with ``args`` in a subprocess that SIGKILLs itself right after update ``kill_at``."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     root = str(Path(__file__).resolve().parents[1])
@@ -65,13 +65,18 @@ def test_kill9_then_resume_matches_an_uninterrupted_run(tmp_path):
         "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
     }
     proc = subprocess.run(
-        [sys.executable, str(driver), "6", *ARGS, "--out", str(killed)],
+        [sys.executable, str(driver), str(kill_at), *args, "--out", str(out)],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+
+def test_kill9_then_resume_matches_an_uninterrupted_run(tmp_path):
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    _run_killed(tmp_path, 6, ARGS, killed)
     # killed right after update 6 (before its row): the last checkpoint is step 4; the rows of step 5
     # (training and evaluation), round 1's data row and the tracker's rows and kernels of step 6 came
     # after it: dropped and written again, once
@@ -89,6 +94,36 @@ def test_kill9_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert [r["step"] for r in read_jsonl(killed / "eval.jsonl")] == [0, 5, 8]
     assert [r["round"] for r in read_jsonl(killed / "data.jsonl")] == [0, 1]
     assert resumed["steps"] == reference["steps"] == 8
+    assert_same_values(resumed["after"], reference["after"])
+
+
+SELECTION_ARGS = (
+    "--model toy-tiny --run sft --judge none --no-track --prompts 6 --candidates 2 --gen-batch 3 --lr 0.02 "
+    "--max-steps 8 --rounds 2 --batch-size 4 --micro-batch-size 2 --checkpoint-every 4 --eval-every 0 "
+    "--eval-prompts 6 --eval-candidates 2 --select-every 3 --select-prompts 4 --select-candidates 2"
+).split()
+
+
+def test_kill9_then_resume_with_label_free_selection_matches_an_uninterrupted_run(tmp_path):
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    _run_killed(tmp_path, 7, SELECTION_ARGS, killed)
+    # killed after update 7: the last checkpoint is step 4; the point of step 6 (its row and weights)
+    # came after it: dropped and made again
+    assert [r["step"] for r in read_jsonl(killed / "selection.jsonl")] == [0, 3, 6]
+    assert RunDir(killed).selection_file(6).exists()
+    RunDir(killed).selection_file(7).write_bytes(b"")  # any later step's file is deleted on resume
+
+    resumed = run(parse_args([*SELECTION_ARGS, "--out", str(killed), "--resume"]))
+    reference = run(parse_args([*SELECTION_ARGS, "--out", str(whole)]))
+    for name in ("metrics.jsonl", "eval.jsonl", "data.jsonl", "selection.jsonl"):
+        _same_rows(read_jsonl(killed / name), read_jsonl(whole / name))
+    assert [r["step"] for r in read_jsonl(killed / "selection.jsonl")] == [0, 3, 6, 8]
+    names = [p.name for p in RunDir(killed).selection_files()]
+    assert names == [p.name for p in RunDir(whole).selection_files()]
+    assert "step_000007.safetensors" not in names
+    assert resumed["selection"]["selected_step"] == reference["selection"]["selected_step"]
+    assert [p[0] for p in resumed["selection"]["points"]] == [0, 3, 6, 8]
+    assert_same_values(resumed["selection"], reference["selection"])
     assert_same_values(resumed["after"], reference["after"])
 
 

@@ -1,6 +1,7 @@
 """Configuration of the self-improvement trainer: dataclasses with help metadata, choices as
 ``Literal`` types, validated in ``__post_init__`` (errors name the field). They are two parts of a run's
-config tree (ntkdyn.config.RunConfig), from which the command line is built (ntkdyn.cli).
+config tree (ntkdyn.config.RunConfig), from which the command line is built (ntkdyn.cli), with
+SelectionConfig (label-free checkpoint selection, ntkdyn.trainer.selection; off by default).
 
 Budget: a run is ``rounds`` rounds; each round collects data (Algorithm 1; in a curriculum
 run, round r > 0 revisits the discard pool, Algorithm 2) and then trains ``ceil(epochs * n /
@@ -170,3 +171,53 @@ class DataConfig:
             f"expected a count >= 1 or a prompts file, got {self.prompts!r} (no such file)",
         )
         _check(self.gen_batch >= 1, "gen_batch", f"must be >= 1, got {self.gen_batch}")
+
+
+@dataclass
+class SelectionConfig:
+    """Label-free checkpoint selection (ntkdyn.trainer.selection): the run scores itself on held-out
+    training-split prompts, keeps the best point's weights and may stop early. Off by default. Costs
+    a frozen copy of the model in memory, one generation + judging pass over select_prompts x
+    select_candidates per point, and one weights file per point that can still be selected."""
+
+    select_every: int = field(
+        default=0,
+        metadata=_help(
+            "label-free selection point every K optimizer steps (and at step 0 and the last step); the run's "
+            "result is the selected point's model (0 = off: the last step's model)"
+        ),
+    )
+    select_prompts: int = field(
+        default=128,
+        metadata=_help(
+            "held-out prompts of the world's train split scored at each point (never trained on, never "
+            "eval prompts)"
+        ),
+    )
+    select_candidates: int = field(
+        default=4, metadata=_help("generations per held-out prompt at each selection point")
+    )
+    patience: int = field(
+        default=0,
+        metadata=_help(
+            "stop training once the last K points all score below the best point's one-standard-error "
+            "threshold (0 = never stop early)"
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.select_every >= 0, "select_every", f"must be >= 0, got {self.select_every}")
+        _check(
+            self.select_prompts >= 2,
+            "select_prompts",
+            f"must be >= 2 (the standard error needs two prompts), got {self.select_prompts}",
+        )
+        _check(
+            self.select_candidates >= 1, "select_candidates", f"must be >= 1, got {self.select_candidates}"
+        )
+        _check(self.patience >= 0, "patience", f"must be >= 0, got {self.patience}")
+        _check(
+            self.patience == 0 or self.select_every > 0,
+            "patience",
+            f"early stopping (patience {self.patience}) needs selection points: set select_every > 0",
+        )

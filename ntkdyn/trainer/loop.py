@@ -7,8 +7,11 @@
                 stream (seeded permutations of the data, one per epoch, concatenated), adds one
                 understanding-replay pair per item, calls the hooks' before_step, runs the micro-batches
                 (DDP: this rank's share of the batch), clips, steps AdamW, calls after_step, logs
-        evaluate every eval_every steps and at the end; checkpoint every checkpoint_every steps and at
-        the end of every round
+        evaluate every eval_every steps; checkpoint every checkpoint_every steps and at the end of every
+        round; with label-free selection (SelectionConfig select_every > 0, ntkdyn.trainer.selection):
+        a selection point at step 0, every select_every steps and at the last step, training stopped
+        once it has passed its best (patience > 0)
+    end: evaluate the result: the last step's model, or the selected point's model with selection
 Step numbers count optimizer steps from 1 (the row of step s is written after the s-th update; step 0
 is the pre-trained model). The learning rate is a function of the position in the round: linear
 warm-up over warmup_steps, then cosine / linear decay to 0 or constant.
@@ -39,7 +42,7 @@ from ntkdyn.batch import slice_batch, to_device
 from ntkdyn.models.base import UnifiedAdapter
 from ntkdyn.rundir import DataRow, JsonlLog, MetricsRow, RunDir, truncate_logs
 from ntkdyn.trainer.checkpoint import Position, load_checkpoint, save_checkpoint
-from ntkdyn.trainer.config import DataConfig, TrainConfig
+from ntkdyn.trainer.config import DataConfig, SelectionConfig, TrainConfig
 from ntkdyn.trainer.data import (
     TrainSet,
     accepted_mask,
@@ -53,6 +56,7 @@ from ntkdyn.trainer.data import (
 )
 from ntkdyn.trainer.distributed import Dist
 from ntkdyn.trainer.losses import make_loss_fn, objective_terms
+from ntkdyn.trainer.selection import Selector, held_out_prompts
 from ntkdyn.world import Prompt, ShapesWorld
 
 EvaluateFn = Callable[[UnifiedAdapter], dict]
@@ -114,7 +118,9 @@ class Trainer:
     ``data``) into the run directory ``run_dir``.
 
     evaluate(adapter) -> metrics on the eval prompts (run on rank 0; broadcast). hooks: see the module
-    docstring. dist: this process's place in a DDP group (default: one process).
+    docstring. dist: this process's place in a DDP group (default: one process). selection: label-free
+    checkpoint selection on held-out train-split prompts (held_out_prompts; off when None or
+    select_every 0); its frozen judge is copied here, before any training or restore.
     """
 
     def __init__(
@@ -128,6 +134,7 @@ class Trainer:
         evaluate: EvaluateFn,
         dist: Dist | None = None,
         hooks: Sequence = (),
+        selection: SelectionConfig | None = None,
     ) -> None:
         dist = dist or Dist()
         if train.batch_size % dist.world_size:
@@ -149,16 +156,26 @@ class Trainer:
         self.metrics_log = JsonlLog(self.run.metrics, dist.is_main)
         self.eval_log = JsonlLog(self.run.eval, dist.is_main)
         self.data_log = JsonlLog(self.run.data_log, dist.is_main)
+        self.selector = None
+        if selection is not None and selection.select_every:
+            held_out = held_out_prompts(world, prompts, selection.select_prompts, train.seed)
+            self.selector = Selector(
+                adapter, held_out, selection, data.temperature, data.gen_batch, train.seed, run_dir, dist
+            )
 
     def train(self, before: dict, resume: bool = False) -> dict:
         """Run the training (``resume``: from the run's last checkpoint); returns the final evaluation
-        with ``"step"``. before: the pre-trained model's metrics (logged as step 0)."""
+        with ``"step"`` (steps trained) and, with selection, ``"selection"`` (Selector.summary). before:
+        the pre-trained model's metrics (logged as step 0)."""
         tc = self.cfg
         if self.dist.is_main:
             self.run.root.mkdir(parents=True, exist_ok=True)
         position = (self.restore() if resume else None) or self.start(before)
         first_round, train_set = position.round, None
+        stopped = self.selector is not None and self.selector.stop  # a resumed run that had stopped
         for r in range(first_round, tc.rounds):
+            if stopped:
+                break
             first_step = position.round_step if r == first_round else 0
             train_set = self.round_data(r, position, train_set, resume, log=first_step == 0)
             steps = round_steps(tc, r, len(train_set))
@@ -172,11 +189,30 @@ class Trainer:
                 if tc.eval_every and position.step % tc.eval_every == 0 and not last:
                     self.evaluate(position.step)
                     self.model.train()
-                if position.step % tc.checkpoint_every == 0 or k == steps - 1:
+                if self.selector and position.step % self.selector.cfg.select_every == 0:
+                    self.selector.add_point(position.step)
+                    stopped = self.selector.stop
+                if position.step % tc.checkpoint_every == 0 or k == steps - 1 or stopped:
                     self.checkpoint(position)
-        final = self.evaluate(position.step) if position.step else before
+                if stopped:
+                    if self.dist.is_main:
+                        tqdm.write(f"selection: training passed its best; stopped at step {position.step}")
+                    break
+        if self.selector is None:
+            final = self.evaluate(position.step) if position.step else before
+            self.model.eval()
+            return {"step": position.step, **final}
+        if self.selector.points[-1].step != position.step:  # the last step's point
+            self.selector.add_point(position.step)
+            self.checkpoint(position)
+        selected = self.selector.select()
+        final = self.evaluate(selected.step, selected_step=selected.step, last_step=position.step)
         self.model.eval()
-        return {"step": position.step, **final}
+        return {
+            "step": position.step,
+            **final,
+            "selection": self.selector.summary(selected, position.step, stopped),
+        }
 
     def start(self, before: dict) -> Position:
         """A fresh run: logs emptied, the pre-trained metrics logged as step 0, a first checkpoint."""
@@ -184,6 +220,8 @@ class Trainer:
             truncate_logs(self.run, {}, step=0)
         position = Position(step=0, round=0, round_step=0, pool=torch.arange(len(self.prompts)))
         self.eval_log.write({"step": 0, **before})
+        if self.selector:
+            self.selector.add_point(0)
         self.checkpoint(position)
         return position
 
@@ -198,6 +236,8 @@ class Trainer:
         self.model.load_state_dict(checkpoint.model)
         self.optimizer.load_state_dict(checkpoint.optimizer)
         self.dist.barrier()
+        if self.selector:
+            self.selector.restore()
         return checkpoint.position
 
     def round_data(
@@ -265,17 +305,21 @@ class Trainer:
                 sums[name] = sums.get(name, 0.0) + value.detach().float().sum()
         return sums
 
-    def evaluate(self, step: int) -> dict:
-        """Evaluate the model (rank 0; every rank gets the metrics) and log the metrics as ``step``."""
+    def evaluate(self, step: int, **row) -> dict:
+        """Evaluate the model (rank 0; every rank gets the metrics) and log the metrics as ``step`` (with
+        the extra keys ``row``)."""
         self.model.eval()
         metrics = self.evaluate_fn(self.adapter) if self.dist.is_main else None
         metrics = self.dist.broadcast_object(metrics)
-        self.eval_log.write({"step": step, **metrics})
+        self.eval_log.write({"step": step, **row, **metrics})
         return metrics
 
     def checkpoint(self, position: Position) -> None:
+        """Save the checkpoint, then delete the selection weights no point logged so far can select."""
         if self.dist.is_main:
             save_checkpoint(self.run.root, position, self.model, self.optimizer)
+            if self.selector:
+                self.selector.prune()
         self.dist.barrier()
 
     def collect(
