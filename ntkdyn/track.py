@@ -156,6 +156,12 @@ def format_summary(summary: dict) -> str:
             f"after = the model of step {sel['selected_step']} (label-free selection among "
             f"{len(sel['points'])} points; last step {sel['last_step']}{stop})"
         )
+        if sel.get("after_last"):
+            last = sel["after_last"]
+            lines.append(
+                f"the last step's model: gen_alignment {cell(last.get('gen_alignment')).strip()}, "
+                f"und_accuracy {cell(last.get('und_accuracy')).strip()}"
+            )
     lines.append(f"{'metric':<22}{'before':>9}{'after':>9}{'delta':>9}")
     for k in TABLE_KEYS:
         lines.append(

@@ -78,9 +78,15 @@ def test_selected_point_is_the_result_and_training_stops_once_past_its_best(tmp_
     selection = SelectionConfig(select_every=1, select_prompts=4, select_candidates=3, patience=2)
     recorder = StateRecorder()
 
+    evaluated = []  # the parameters of every evaluated model
+
+    def evaluate(model_adapter):
+        evaluated.append(_params(model_adapter.model))
+        return {"m": 1.0}
+
     def trainer(model_adapter, hooks=()):
         return Trainer(
-            model_adapter, adapter.world, prompts, train, data, tmp_path, lambda a: {"m": 1.0}, hooks=hooks,
+            model_adapter, adapter.world, prompts, train, data, tmp_path, evaluate, hooks=hooks,
             selection=selection,
         )  # fmt: skip
 
@@ -93,6 +99,7 @@ def test_selected_point_is_the_result_and_training_stops_once_past_its_best(tmp_
         "last_step": 4,
         "stopped_early": True,
         "points": [[s, first.selector.points[s].score, first.selector.points[s].stderr] for s in range(5)],
+        "after_last": {"m": 1.0},
     }
     assert [p.score for p in first.selector.points] == pytest.approx([0.505, 0.705, 0.905, 0.605, 0.555])
     rows = read_jsonl(tmp_path / "selection.jsonl")
@@ -104,12 +111,10 @@ def test_selected_point_is_the_result_and_training_stops_once_past_its_best(tmp_
         (4, 2, True),
     ]
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
-    assert read_jsonl(tmp_path / "eval.jsonl")[-1] == {
-        "step": 2,
-        "selected_step": 2,
-        "last_step": 4,
-        "m": 1.0,
-    }
+    assert read_jsonl(tmp_path / "eval.jsonl")[-2:] == [  # the last step's model, then the selected one
+        {"step": 4, "selected_step": 2, "last_step": 4, "m": 1.0},
+        {"step": 2, "selected_step": 2, "last_step": 4, "m": 1.0},
+    ]
     # floor 0.905 - 0.5 / sqrt(3) = 0.616: the weights of steps 0, 3 and 4 can never be selected
     run_dir = RunDir(tmp_path)
     assert [p.name for p in run_dir.selection_files()] == [
@@ -119,6 +124,8 @@ def test_selected_point_is_the_result_and_training_stops_once_past_its_best(tmp_
     final = _params(adapter.model)
     _assert_params(final, recorder.after[2])
     _assert_params(final, recorder.after[4], equal=False)
+    _assert_params(evaluated[-2], recorder.after[4])
+    _assert_params(evaluated[-1], recorder.after[2])
     _assert_params(load_tensors(run_dir.selection_file(2))[0], final)
     # the frozen judge is the pre-trained model, after training ...
     _assert_params(_params(first.selector.judge_model), initial)

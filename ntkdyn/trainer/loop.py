@@ -206,12 +206,16 @@ class Trainer:
             self.selector.add_point(position.step)
             self.checkpoint(position)
         selected = self.selector.select()
+        after_last = None
+        if selected.step != position.step:  # the last step's model too, to compare with the selected one
+            after_last = self.evaluate(position.step, selected_step=selected.step, last_step=position.step)
+        self.selector.load(selected)
         final = self.evaluate(selected.step, selected_step=selected.step, last_step=position.step)
         self.model.eval()
         return {
             "step": position.step,
             **final,
-            "selection": self.selector.summary(selected, position.step, stopped),
+            "selection": self.selector.summary(selected, position.step, stopped, after_last),
         }
 
     def start(self, before: dict) -> Position:

@@ -196,11 +196,14 @@ class Selector:
                 self.run.selection_file(p.step).unlink(missing_ok=True)
 
     def select(self) -> SelectionPoint:
-        """The selected point (select_checkpoint); its weights are loaded into the model unless it is the
-        last point (the model as it is)."""
-        point = select_checkpoint(self.points)
+        """The selected point (select_checkpoint of the points so far)."""
+        return select_checkpoint(self.points)
+
+    def load(self, point: SelectionPoint) -> None:
+        """Load a point's saved weights into the model (nothing to do for the last point: the model as
+        it is)."""
         if point.step == max(p.step for p in self.points):
-            return point
+            return
         path = self.run.selection_file(point.step)
         if not path.exists():
             raise ValueError(f"selection: {path}, the weights of the selected step {point.step}, is missing")
@@ -211,14 +214,17 @@ class Selector:
         with torch.no_grad():
             for name, value in tensors.items():
                 params[name].copy_(value)
-        return point
 
-    def summary(self, selected: SelectionPoint, last_step: int, stopped_early: bool) -> dict:
+    def summary(
+        self, selected: SelectionPoint, last_step: int, stopped_early: bool, after_last: dict | None
+    ) -> dict:
         """summary.json's "selection": selected_step, last_step, stopped_early (the patience rule ended
-        training), points [[step, score, stderr], ...]."""
+        training), points [[step, score, stderr], ...], after_last (the evaluation of the last step's
+        model when another step was selected, else None)."""
         return {
             "selected_step": selected.step,
             "last_step": last_step,
             "stopped_early": stopped_early,
             "points": [[p.step, p.score, p.stderr] for p in self.points],
+            "after_last": after_last,
         }
