@@ -5,7 +5,7 @@ pre-trained model x training seed, each into OUT/<model>-s<seed> (a run that has
 instead of re-run), and prints a Markdown table: per run, generation alignment and understanding
 accuracy before and after (with ``--select-every``, "after" is the label-free selected model and the last
 step's model is shown beside it); per model, the mean change over seeds with a 95% t-interval (none with
-one seed).
+one seed), of the last step's model (the default run's result) and of "after".
 
     python benchmarks/robustness.py --seeds 0 1 2                  # 4 pre-trained models x 3 seeds
     python benchmarks/robustness.py --models shipped seed1 --seeds 0 -- --eval-every 100 --select-every 100
@@ -62,7 +62,7 @@ def main() -> None:
     rows.append("|---|---|---|---|---|---|---|---|")
     per_model = []
     for model in args.models:
-        gains, und_changes = [], []
+        gains, last_gains, und_changes = [], [], []
         for seed in args.seeds:
             s = run(model, seed, out, args.extra)
             before, after = s["before"], s["after"]
@@ -74,12 +74,17 @@ def main() -> None:
                 f"{selection.get('selected_step', s['steps'])} | {last['gen_alignment']:.3f} |"
             )
             gains.append(after["gen_alignment"] - before["gen_alignment"])
+            last_gains.append(last["gen_alignment"] - before["gen_alignment"])
             und_changes.append(after["und_accuracy"] - before["und_accuracy"])
-        per_model.append(f"| {model} | {len(gains)} | {interval(gains)} | {interval(und_changes)} |")
+        changes = " | ".join(interval(v) for v in (last_gains, gains, und_changes))
+        per_model.append(f"| {model} | {len(gains)} | {changes} |")
     print("\n".join(rows))
     print()
-    print("| model | seeds | gen_alignment change, mean [95% t-interval] | und_accuracy change |")
-    print("|---|---|---|---|")
+    print(
+        "| model | seeds | gen_alignment change, last step: mean [95% t-interval] | the same, after "
+        "(selected model with --select-every) | und_accuracy change, after |"
+    )
+    print("|---|---|---|---|---|")
     print("\n".join(per_model))
 
 
