@@ -3,16 +3,21 @@
 The default toy unified model (ToyConfig size, randomly initialised from seed 0, or a saved one
 with --model-dir) trains with the default DPO objective of ``python -m ntkdyn.track --run dpo``
 (AdamW at its default lr, beta, understanding replay; batch of --batch pairs). Steps alternate:
-odd steps plain (forward/backward/AdamW), even steps tracked (before_step + the same step +
-after_step), so both are timed on the same model in the same process. Times are CPU time of this
-process (time.process_time, summed over its threads), which other processes sharing the machine
-do not inflate the way they inflate wall-clock time. For every projection size
+odd steps plain (forward/backward per loss source, clip, AdamW), even steps tracked (before_step + the
+same step + after_step), so both are timed on the same model in the same process. As in the trainer,
+the step is split by loss source (gen, und) on every step (SourceAttribution; plain steps include that
+cost) and a tracked step adds the probes' exact first order along every part and the preconditioned
+training features (GradientProjector.per_sample_all: one recording per probe group and training batch).
+Times are CPU time of this process (time.process_time, summed over its threads), which other processes
+sharing the machine do not inflate the way they inflate wall-clock time. For every projection size
 and probe count of the grid, it prints the median plain and tracked step times, the overhead
-factor, and the Pearson correlation of predicted with observed change (exact first order,
-features, SGD kernel form) per branch over the run's tracked steps, as a Markdown table.
+factor, the Pearson correlation of predicted with observed change (exact first order, features) and
+of the kernel forms (Adam-aware kernel, SGD form) with the exact current-step part, per branch over the
+run's tracked steps, as a Markdown table.
 
     python benchmarks/tracking.py --ks 64 128 --probes 2 8 --steps 12  # the grid of BENCHMARKS.md
     python benchmarks/tracking.py --ks 64 --probes 8 --model-dir ntkdyn/models/pretrained/toy  # shipped
+    python benchmarks/tracking.py --factored-from RUN_DIR   # error of the factored Adam preconditioner
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ from ntkdyn.models.toy import ToyAdapter
 from ntkdyn.rundir import RunDir, read_jsonl
 from ntkdyn.shapes_probes import build_tracker
 from ntkdyn.trainer.config import TrainConfig
-from ntkdyn.trainer.data import replay_batch
-from ntkdyn.trainer.losses import make_loss_fn, objective_terms
+from ntkdyn.trainer.data import anchor_pool
+from ntkdyn.trainer.losses import source_loss_fns, source_terms
 from ntkdyn.world import ShapesWorld
 
 
@@ -61,9 +66,11 @@ def pretrained_records(adapter: ToyAdapter, n_prompts: int) -> list[dict]:
     ]
 
 
-def dpo_batch(adapter: ToyAdapter, reference: ToyAdapter, size: int, step: int, cfg: TrainConfig) -> dict:
+def dpo_batch(
+    adapter: ToyAdapter, reference: ToyAdapter, size: int, step: int, cfg: TrainConfig, anchor
+) -> dict:
     """size DPO pairs (chosen: a true scene of the prompt; rejected: a world negative of it) with the
-    reference model's log-probs, plus the understanding replay pairs of the default run."""
+    reference model's log-probs, plus the anchor pairs of the default run (``anchor``: AnchorPool)."""
     world = adapter.world
     rng = np.random.default_rng(step)
     train = world.prompts("train")
@@ -78,8 +85,8 @@ def dpo_batch(adapter: ToyAdapter, reference: ToyAdapter, size: int, step: int, 
     with torch.no_grad():
         batch["ref_chosen"] = reference.gen_logprob(batch["prompts"], batch["images"])
         batch["ref_rejected"] = reference.gen_logprob(batch["prompts"], batch["rejected"])
-    if cfg.replay_weight:
-        batch.update(replay_batch(adapter, world, train, size, cfg.seed, step))
+    if anchor is not None:
+        batch.update(anchor.batch(size, cfg.seed, step))
     return batch
 
 
@@ -89,21 +96,30 @@ def run(
     cfg = TrainConfig(run="dpo")
     adapter, reference = build_adapter(model_dir), build_adapter(model_dir)
     model = adapter.model
-    loss_fn = make_loss_fn(objective_terms(adapter, "dpo", cfg.beta, cfg.nll_weight, cfg.replay_weight))
+    terms = source_terms(adapter, "dpo", cfg.beta, cfg.nll_weight, cfg.understanding_weight)
+    loss_fns = source_loss_fns(terms)
+    anchor = None
+    if cfg.understanding_weight:
+        train = adapter.world.prompts("train")
+        anchor = anchor_pool(adapter, adapter.world, train, cfg.anchor_pool, cfg.anchor, cfg.seed)
     records = pretrained_records(adapter, 4 * per_category)
     projection = ProjectionConfig(kind=kind, k=k)
     settings = TrackingConfig(track_every=2, projection=projection, probes_per_category=per_category)
     with tempfile.TemporaryDirectory(prefix="ntkdyn-bench-") as out:
         tracker = build_tracker(adapter, adapter.world, out, settings, records)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        split = tracker.attribute(opt, model.named_parameters(), tuple(loss_fns))
         plain, tracked = [], []
         model.train()
         for step in tqdm(range(1, steps + 1), desc=f"{kind} k={k} probes/cat={per_category}", leave=False):
-            batch = dpo_batch(adapter, reference, batch_size, step, cfg)
+            batch = dpo_batch(adapter, reference, batch_size, step, cfg, anchor)
             start = time.process_time()
-            tracker.before_step(step, model, loss_fn, batch)
+            tracker.before_step(step, model, loss_fns, batch)
             opt.zero_grad(set_to_none=True)
-            loss_fn(model, batch).mean().backward()
+            for source, fn in loss_fns.items():
+                with split.source(source):
+                    fn(model, batch).mean().backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             tracker.after_step(step, model, cfg.lr)
             if step > 2:  # steps 1-2 warm up (first AdamW step, first projection factors)
@@ -121,9 +137,41 @@ def run(
                 "pearson", float("nan")
             )
             for b in ("gen", "und")
-            for name in ("exact", "features", "sgd")
+            for name in ("exact", "features", "kernel_vs_current", "sgd_vs_current")
         },
     }
+
+
+def factored_errors(run_dir: str) -> None:
+    """Per weight matrix with a projected axis at the default k (the toy's 256-wide MLP matrices):
+    ||D - r c^T|| / ||D|| of AdamW's preconditioner D = 1/(sqrt(v_hat) + eps) in a run's checkpoint (the
+    toy model of ``python -m ntkdyn.track``) for the tracker's fit (sketches.factored), the best rank-one
+    fit (SVD) and Adafactor's row/column means."""
+    from ntkdyn.analysis.projector.sketches import factored
+    from ntkdyn.config import TRACKING_K
+    from ntkdyn.models import load_adapter
+    from ntkdyn.state_file import load_state
+
+    state = load_state(f"{run_dir}/checkpoint.safetensors")
+    model = load_adapter("toy").model
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    group = state["optimizer"]["param_groups"][0]
+    print("| parameter | log least squares (used) | SVD rank one | Adafactor means |\n|---|---|---|---|")
+    for index, name in zip(group["params"], names, strict=True):
+        moments = state["optimizer"]["state"][index]
+        v_hat = moments["exp_avg_sq"] / (1 - group["betas"][1] ** float(moments["step"]))
+        d = (1 / (v_hat.sqrt() + group["eps"])).double()
+        if d.dim() != 2 or max(d.shape) <= TRACKING_K:
+            continue
+        row, col = factored(d)
+        u, sv, v = torch.linalg.svd(d)
+        fits = (
+            row[:, None] * col[None],
+            sv[0] * u[:, :1] @ v[:1],
+            d.mean(1, keepdim=True) * d.mean(0) / d.mean(),
+        )
+        errors = [float((d - fit).norm() / d.norm()) for fit in fits]
+        print(f"| {name} | " + " | ".join(f"{e:.3f}" for e in errors) + " |")
 
 
 def main() -> None:
@@ -139,14 +187,23 @@ def main() -> None:
     )
     parser.add_argument("--batch", type=int, default=32, help="DPO pairs per step")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU time = compute)")
+    parser.add_argument(
+        "--factored-from",
+        default=None,
+        help="a run directory: only print the factored preconditioner's error",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.factored_from:
+        factored_errors(args.factored_from)
+        return
     configs = [("kronecker", k, p) for p in args.probes for k in args.ks]
     if args.exact:
         configs += [("exact", None, p) for p in args.probes]
     header = (
         "| kind | k | probes | D | plain step (CPU s) | tracked step (CPU s) | overhead "
-        "| gen r exact | gen r features | gen r sgd | und r exact | und r features | und r sgd |"
+        "| gen r exact | gen r features | gen r kernel~current | gen r sgd~current "
+        "| und r exact | und r features | und r kernel~current | und r sgd~current |"
     )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -154,9 +211,13 @@ def main() -> None:
         r = run(args.model_dir, kind, k, p, args.steps, args.batch)
         print(
             f"| {r['kind']} | {r['k'] or '-'} | {r['probes']} | {r['D']} | {r['plain_s']:.2f} | "
-            f"{r['tracked_s']:.2f} | {r['tracked_s'] / r['plain_s']:.1f}x | {r['gen_exact']:.3f} | "
-            f"{r['gen_features']:.3f} | {r['gen_sgd']:.3f} | {r['und_exact']:.3f} | "
-            f"{r['und_features']:.3f} | {r['und_sgd']:.3f} |",
+            f"{r['tracked_s']:.2f} | {r['tracked_s'] / r['plain_s']:.1f}x | "
+            + " | ".join(
+                f"{r[f'{b}_{name}']:.3f}"
+                for b in ("gen", "und")
+                for name in ("exact", "features", "kernel_vs_current", "sgd_vs_current")
+            )
+            + " |",
             flush=True,
         )
 

@@ -53,9 +53,10 @@ class EvalConfig:
         },
     )
     co_degradation_tol: float = field(
-        default=0.01,
+        default=0.0,
         metadata={
-            "help": "flag co-degradation when gen_alignment and und_accuracy both fall by more than this"
+            "help": "flag co-degradation when the 95% intervals of the gen_alignment and und_accuracy "
+            "changes both lie wholly below -this (0: both falls are significant)"
         },
     )
 
@@ -73,6 +74,13 @@ class TrackingConfig:
     """Learning-dynamics tracking: how often, the projection of the features, the probes."""
 
     track_every: int = field(default=40, metadata={"help": "track every K optimizer steps"})
+    track_window: int = field(
+        default=1,
+        metadata={
+            "help": "track W consecutive steps from every K-th step (horizons over them, the frozen-kernel "
+            "prediction, kernel drift); 1 = single steps"
+        },
+    )
     projection: ProjectionConfig = field(
         default_factory=lambda: ProjectionConfig(kind="kronecker", k=TRACKING_K),
         metadata={"cli_prefix": "proj", "cli_fields": ("kind", "k", "seed")},
@@ -85,6 +93,11 @@ class TrackingConfig:
         for name in ("track_every", "probes_per_category"):
             _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _check(self.top_contributors >= 0, "top_contributors", f"must be >= 0, got {self.top_contributors}")
+        _check(
+            1 <= self.track_window <= self.track_every,
+            "track_window",
+            f"must be in [1, track_every={self.track_every}], got {self.track_window}",
+        )
 
 
 @dataclass
@@ -131,6 +144,14 @@ class RunConfig:
             self.train.run != "curriculum" or self.data.judge != "none",
             "judge",
             "a curriculum revisits prompts with no accepted candidate; --judge none accepts everything",
+        )
+
+    @property
+    def external_labels_in_training(self) -> bool:
+        """Whether the world's oracle shapes training: the oracle filter (--judge oracle) or the oracle
+        anchor of the understanding term (--anchor oracle with a weight > 0)."""
+        return self.data.judge == "oracle" or (
+            self.train.anchor == "oracle" and self.train.understanding_weight > 0
         )
 
     def to_dict(self) -> dict:

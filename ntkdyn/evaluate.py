@@ -161,7 +161,6 @@ def evaluate(
     if candidates < 1 or und_pairs < 0:
         raise ValueError(f"candidates must be >= 1 and und_pairs >= 0 (got {candidates}, {und_pairs})")
     generator = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
     per_chunk = max(1, batch_size // candidates)
     records: list[CandidateRecord] = []
     for start in range(0, len(prompts), per_chunk):
@@ -184,6 +183,33 @@ def evaluate(
                     parsed=parsed[i],
                 )
             )
+    und_records = understanding_records(adapter, world, prompts, und_pairs, seed, batch_size)
+    metrics = gap_metrics(records, und_records)
+    categories = [c for c in world.categories if any(p.category == c for p in prompts)]
+    metrics["per_category"] = {
+        c: gap_metrics(
+            [r for r in records if r.prompt.category == c], [r for r in und_records if r.prompt.category == c]
+        )
+        for c in categories
+    }
+    for key in ("non_unification", "gen_alignment"):
+        metrics[key] = float(np.mean([metrics["per_category"][c][key] for c in categories]))
+    return EvalResult(metrics, records, und_records)
+
+
+@torch.no_grad()
+def understanding_records(
+    adapter: UnifiedAdapter,
+    world: ShapesWorld,
+    prompts: Sequence[Prompt],
+    und_pairs: int,
+    seed: int,
+    batch_size: int = 64,
+) -> list[UnderstandingRecord]:
+    """The model's P(yes) on ``und_pairs`` true scenes per prompt, each followed by one hard negative of
+    every applicable kind; the scenes depend on ``seed`` and the prompts only, so two models measured
+    with the same seed answer the same questions (paired)."""
+    rng = np.random.default_rng(seed)
     probes: list[tuple[Prompt, str, torch.Tensor]] = []
     for prompt in prompts:
         for _ in range(und_pairs):
@@ -198,17 +224,7 @@ def evaluate(
         und_records.extend(
             UnderstandingRecord(p, kind, float(q)) for (p, kind, _), q in zip(chunk, judged, strict=True)
         )
-    metrics = gap_metrics(records, und_records)
-    categories = [c for c in world.categories if any(p.category == c for p in prompts)]
-    metrics["per_category"] = {
-        c: gap_metrics(
-            [r for r in records if r.prompt.category == c], [r for r in und_records if r.prompt.category == c]
-        )
-        for c in categories
-    }
-    for key in ("non_unification", "gen_alignment"):
-        metrics[key] = float(np.mean([metrics["per_category"][c][key] for c in categories]))
-    return EvalResult(metrics, records, und_records)
+    return und_records
 
 
 # --------------------------------------------------------------------------- CLI helpers

@@ -85,6 +85,10 @@ class RunDir:
         return self.root / "ntk.jsonl"
 
     @property
+    def squeezing(self) -> Path:
+        return self.root / "squeezing.jsonl"
+
+    @property
     def checkpoint(self) -> Path:
         return self.root / "checkpoint.safetensors"
 
@@ -220,9 +224,14 @@ class SelectionRow(TypedDict):
 
 
 class ProbeRow(TypedDict):
-    """One probe at one tracked step (ntkdyn.analysis.tracker). ``top_train``: [[training sample index,
-    its contribution to predicted_sgd], ...]; ``predicted_sgd`` is None when the step had no training
-    features."""
+    """One probe at one tracked step (ntkdyn.analysis.tracker, which defines each predictor).
+    ``predicted_by_source``: {"<source>/current" | "<source>/momentum" | "weight_decay" | "rounding":
+    first-order change along that part of the split update; "rounding" is the real update minus the sum
+    of the others, its rounding into the parameters' dtype}, summing to ``predicted``; it,
+    ``predicted_current``, ``predicted_kernel`` and ``predicted_kernel_by_source`` ({source:
+    Σ_u c_s(o, u)}) are None when the step was not split by source; the kernel forms are None without
+    training features. ``top_train``: [[source, training sample index, its contribution c_s(o, u)], ...]
+    (the SGD form's when not split)."""
 
     step: int
     measurement: str
@@ -234,8 +243,14 @@ class ProbeRow(TypedDict):
     observed: float
     predicted: float
     predicted_features: float
+    predicted_by_source: dict[str, float] | None
+    predicted_current: float | None
+    predicted_kernel: float | None
+    predicted_kernel_by_source: dict[str, float] | None
     predicted_sgd: float | None
-    top_train: list[list[float]]
+    predicted_frozen: float | None  # <φ at the window's start, P Δθ>; None without a window (or its start)
+    window_start: int
+    top_train: list[list]
     lr: float
 
 
@@ -248,8 +263,21 @@ class KernelRow(TypedDict):
 
 # --------------------------------------------------------------------------- keys
 # Measurement and category names go into keys between "/" and ","; key_part refuses names holding them.
-KERNEL_KINDS = ("K", "Kcos")  # raw eNTK block, cosine-normalised block
-NTK_STATS = ("norm", "alignment", "cross_cos", "train_cos")
+# raw eNTK block, cosine-normalised block, Adam-aware contributions c_s(o, u) (ntkdyn.analysis.tracker),
+# per tracked parameter: Σ_u K(o, u) and Σ_u c_s(o, u)
+KERNEL_KINDS = ("K", "Kcos", "C", "Klayers", "Clayers")
+NTK_STATS = (
+    "norm",
+    "alignment",
+    "alignment_centred",
+    "alignment_null_q95",
+    "alignment_p",
+    "cross_cos",
+    "cross_cos_lo",
+    "cross_cos_hi",
+    "train_cos",
+    "drift",
+)
 
 
 def key_part(name: str) -> str:
@@ -285,7 +313,10 @@ def ntk_key(stat: str, a: str, b: str | None = None, category: str | None = None
     """Name of a kernel scalar of a KernelRow: "ntk/{stat}/{a}[,{b}][/{category}]".
 
     norm/a: mean feature norm of measurement a; alignment/a,b: kernel alignment of K_aa and K_bb;
-    cross_cos/a,b[/category]: mean same-pair cosine; train_cos/a: mean cosine to the training samples."""
+    cross_cos/a,b[/category]: mean same-pair cosine; train_cos/a: mean cosine to the training samples;
+    drift/a,b: ||K_ab - K_ab at the window's first step|| / ||K_ab there|| (tracking windows);
+    alignment_centred, alignment_null_q95, alignment_p /a,b: centred alignment and its permutation null;
+    cross_cos_lo, cross_cos_hi /a,b: the 95% bootstrap interval of cross_cos over the probes."""
     if stat not in NTK_STATS:
         raise ValueError(f"kernel scalar must be one of {NTK_STATS}, got {stat!r}")
     key = f"ntk/{stat}/{key_part(a)}" + ("" if b is None else f",{key_part(b)}")

@@ -168,6 +168,7 @@ def build_tracker(
         probe_groups(adapter, probes),
         run.root,
         every=config.track_every,
+        window=config.track_window,
         config=config.projection,
         top_contributors=config.top_contributors,
     )

@@ -1,20 +1,24 @@
 """Self-improvement of a unified model with its learning dynamics tracked.
 
     python -m ntkdyn.track --run {sft,dpo,curriculum} [--model NAME [PATH]] [--prompts P] [--out DIR]
-        [--seed S] [--max-steps T] [--epochs E] [--rounds R] [--judge {self,oracle,none}] [--resume]
-        [--no-track] [--track-every K] [--proj-kind KIND] [--proj-k K] ...   (every option: --help)
+        [--seed S] [--max-steps T] [--epochs E] [--rounds R] [--judge {self,oracle,none,inverted,noisy:P}]
+        [--anchor {self,oracle,none}] [--resume] [--no-track] [--track-every K] [--proj-k K] ...
+        (every option: --help)
     torchrun --nproc-per-node 2 -m ntkdyn.track -- --run dpo ...   (DDP: gloo on CPU, nccl on GPU; the
         "--" keeps torchrun from reading --run as its own --run-path)
 
 0. parse and check the whole config tree (ntkdyn.config.RunConfig) and the run directory: every bad
    option fails here, before any model is loaded; 1. evaluate the pre-trained model on eval prompts
    (the ``before`` metrics and its judged generations, kept in the run directory); 2. build the
-   tracker (unless --no-track); 3. train (ntkdyn.trainer.loop.Trainer); 4. write ``summary.json``:
-   ``before`` and ``after`` (the keys of ntkdyn.evaluate plus the co-improvement keys ``co/...``),
-   ``delta``, ``co_degradation`` (both branches fell), ``dynamics`` and ``ntk`` (tracking),
-   ``selection`` (label-free checkpoint selection, --select-every K: ``after`` is then the selected
-   step's model), and print a before/after table. The run directory's files: ntkdyn.rundir and
-   ARCHITECTURE.md.
+   tracker (unless --no-track) and, for DPO, the squeezing log (ntkdyn.squeezing); 3. train
+   (ntkdyn.trainer.loop.Trainer); 4. write ``summary.json``: ``before`` and ``after`` (the keys of
+   ntkdyn.evaluate plus the co-improvement keys ``co/...``), ``delta``, ``judge``, ``anchor`` and
+   ``external_labels_in_training``, the end-of-run report (ntkdyn.run_report: ``co_improvement`` with
+   intervals, its random-direction null and verdict; ``oracle_change``; ``bayes_step``),
+   ``co_degradation`` (both branches fell beyond their intervals), ``squeezing``, ``dynamics`` and
+   ``ntk`` (tracking), ``selection`` (label-free checkpoint selection, --select-every K: ``after`` is
+   then the selected step's model), and print a before/after table. The run directory's files:
+   ntkdyn.rundir and ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ntkdyn.analysis.summary import mean_kernel_scalars
+from ntkdyn.analysis.summary import format_dynamics, mean_kernel_scalars
 from ntkdyn.cli import config_parser, parse_config
 from ntkdyn.co_improvement import co_improvement
 from ntkdyn.config import RunConfig, changed_options
@@ -33,8 +37,10 @@ from ntkdyn.evaluate import CandidateRecord, EvalResult, evaluate, read_prompts
 from ntkdyn.models import load_adapter
 from ntkdyn.models.base import UnifiedAdapter
 from ntkdyn.plot import plot_run
+from ntkdyn.run_report import co_degradation, end_of_run_report, format_run_report
 from ntkdyn.rundir import RunDir, read_json, read_jsonl, write_json, write_jsonl
-from ntkdyn.shapes_probes import build_tracker
+from ntkdyn.shapes_probes import build_tracker, load_probes
+from ntkdyn.squeezing import SqueezingLog, squeezing_summary
 from ntkdyn.trainer.checkpoint import check_checkpoint
 from ntkdyn.trainer.data import stratified_prompts
 from ntkdyn.trainer.distributed import Dist, init_distributed
@@ -123,22 +129,27 @@ def evaluate_model(
     )
 
 
-def summarize(before: dict, after: dict, cfg: RunConfig) -> dict:
-    """before/after/delta of the scalar metrics and the co-degradation flag (gen_alignment and
-    und_accuracy both fell by more than cfg.eval.co_degradation_tol)."""
+def summarize(before: dict, after: dict, cfg: RunConfig, oracle_change: dict | None = None) -> dict:
+    """before/after/delta of the scalar metrics, what trained the run (anchor, judge, whether external
+    labels entered training) and, given ``oracle_change`` (end_of_run_report), the co-degradation
+    verdict: gen_alignment and und_accuracy both fell, each 95% interval of the change lying wholly
+    below -cfg.eval.co_degradation_tol (None without ``oracle_change``)."""
     delta = {
         k: after[k] - before[k]
         for k in before
         if isinstance(before[k], float) and isinstance(after.get(k), float)
     }
     tol = cfg.eval.co_degradation_tol
-    co_degradation = delta.get("gen_alignment", 0.0) < -tol and delta.get("und_accuracy", 0.0) < -tol
+    degraded = None if oracle_change is None else co_degradation(oracle_change, tol)
     return {
         "run": cfg.train.run,
+        "judge": cfg.data.judge,
+        "anchor": cfg.train.anchor,
+        "external_labels_in_training": cfg.external_labels_in_training,
         "before": before,
         "after": after,
         "delta": delta,
-        "co_degradation": co_degradation,
+        "co_degradation": degraded,
     }
 
 
@@ -168,26 +179,14 @@ def format_summary(summary: dict) -> str:
             f"{k:<22}{cell(summary['before'].get(k))}{cell(summary['after'].get(k))}"
             f"{cell(summary['delta'].get(k))}"
         )
+    lines.extend(format_run_report(summary))
     if summary["co_degradation"]:
-        lines.append("CO-DEGRADATION: generation alignment and understanding accuracy both fell")
+        lines.append(
+            "CO-DEGRADATION: generation alignment and understanding accuracy both fell beyond their intervals"
+        )
     if "dynamics" in summary:
         lines.append("")
-        lines.append("predicted vs observed change of the probes: Pearson [95% interval, probes resampled]")
-        lines.append("  exact    = grad f(o) . (real update)   a first-order Taylor step, not a kernel test")
-        lines.append("  features = <phi(o), P (real update)>   the same through the projection")
-        lines.append("  sgd      = -lr sum_u K(o, u) / B       the kernel alone, as if the step were SGD")
-
-        def with_ci(stats: dict) -> str:
-            if stats.get("pearson") is None:
-                return f"{'-':>22}"
-            lo, hi = (f"{x:.3f}" if x is not None else "nan" for x in stats["pearson_ci"])
-            return f"{stats['pearson']:6.3f} [{lo}, {hi}]"
-
-        for branch, stats in summary["dynamics"].items():
-            lines.append(
-                f"  {branch:<4} exact {with_ci(stats)}  features {with_ci(stats.get('features', {}))}  "
-                f"sgd {with_ci(stats.get('sgd', {}))}  n={stats.get('n')} ({stats.get('clusters')} probes)"
-            )
+        lines += format_dynamics(summary["dynamics"])
         lines.append("shared eNTK, mean over tracked steps")
         for key, value in summary["ntk"].items():
             lines.append(f"  {key:<34}{cell(value)}")
@@ -221,10 +220,15 @@ def run(cfg: RunConfig) -> dict:
     if cfg.track:
         records = [r.to_row() for r in pretrained_records]
         hooks.append(build_tracker(adapter, world, run_dir.root, cfg.tracking, records, dist.is_main))
+    if cfg.track and cfg.train.objective == "dpo" and dist.is_main:  # rank 0 logs its share of the pairs
+        probes = load_probes(run_dir.probes)
+        hooks.append(SqueezingLog(adapter, run_dir.root, probes, cfg.tracking.track_every))
+
+    latest: dict[str, EvalResult] = {}  # the last evaluation (rank 0), kept for the end-of-run report
 
     def evaluate_fn(model_adapter: UnifiedAdapter) -> dict:
-        metrics = evaluate_model(model_adapter, world, eval_prompts, cfg).metrics
-        return {**metrics, **co_improvement(model_adapter, pretrained_records)}
+        latest["result"] = evaluate_model(model_adapter, world, eval_prompts, cfg)
+        return {**latest["result"].metrics, **co_improvement(model_adapter, pretrained_records)}
 
     trainer = Trainer(
         adapter,
@@ -238,12 +242,23 @@ def run(cfg: RunConfig) -> dict:
         hooks=hooks,
         selection=cfg.selection,
     )
+    pretrained = {
+        n: p.detach().to("cpu", copy=True) for n, p in adapter.model.named_parameters() if p.requires_grad
+    }
     final = trainer.train(before, resume=cfg.resume)
     after = {k: v for k, v in final.items() if k not in ("step", "selection")}
-    summary = summarize(before, after, cfg)
+    end = {}
+    if dist.is_main:
+        end = end_of_run_report(
+            adapter, world, eval_prompts, cfg, pretrained_records, pretrained, latest.get("result")
+        )
+    summary = summarize(before, after, cfg, end.get("oracle_change"))
+    summary.update(end)
     summary.update(steps=final["step"], wall_s=time.time() - start)
     if "selection" in final:
         summary["selection"] = final["selection"]
+    if run_dir.squeezing.exists():
+        summary["squeezing"] = squeezing_summary(read_jsonl(run_dir.squeezing))
     if hooks:
         summary["dynamics"] = hooks[0].summary()
         summary["ntk"] = mean_kernel_scalars(read_jsonl(run_dir.ntk))

@@ -20,6 +20,10 @@ APPLICATION = (
     "ntkdyn.cli",
     "ntkdyn.shapes_probes",
     "ntkdyn.co_improvement",
+    "ntkdyn.squeezing",
+    "ntkdyn.bayes_step",
+    "ntkdyn.run_report",
+    "ntkdyn.oracle_change",
 )
 # layer (a subpackage) -> the ntkdyn modules it may import besides its own
 ALLOWED = {

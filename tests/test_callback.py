@@ -144,7 +144,7 @@ def test_callback_in_trainer_with_gradient_accumulation(tmp_path):
     trainer.train()
     rows = check_rows(tmp_path / "run", [2, 4])
     # both micro-batches of the step (2 x 2 samples) are training samples of the kernel form
-    assert max(u for r in rows for u, _ in r["top_train"]) == 3
+    assert max(u for r in rows for _, u, _ in r["top_train"]) == 3
 
 
 def test_resumed_trainer_continues_the_rows(tmp_path):
@@ -263,3 +263,71 @@ def test_callback_in_trl_dpo_trainer(tmp_path):
     # form uses fp32 features, hence the looser tolerance; probes are measured in fp32 regardless
     assert args.bf16
     check_rows(tmp_path / "run", [1, 2, 3, 4], sgd_tol=0.02)
+
+
+def test_callback_splits_trl_dpo_adamw_steps_and_logs_to_the_trainer(tmp_path):
+    """TRL's DPOTrainer with its default optimizer (torch's fused AdamW), weight decay and an active
+    clip: the callback splits every step by its one source, the parts sum to the exact first-order
+    change, the Adam-aware kernel of the captured batches equals the current step's part, and the
+    per-branch scalars reach the trainer's own log history."""
+    model = tiny_llama()
+    tokenizer = tiny_tokenizer()
+    prompts = ["a red circle", "the blue square", "a blue circle", "the red square"] * 2
+    data = datasets.Dataset.from_dict(
+        {
+            "prompt": prompts,
+            "chosen": [" is yes", " is red", " yes", " circle"] * 2,
+            "rejected": [" is no", " no no", " blue", " square is"] * 2,
+        }
+    )
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "dpo"),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=0.01,
+        weight_decay=0.1,
+        max_grad_norm=0.05,
+        lr_scheduler_type="constant",
+        beta=BETA,
+        precompute_ref_log_probs=True,
+        bf16=False,  # the real update and the kernel's features in the same precision
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    cb = ntkdyn.NTKDynamicsCallback(
+        probes=probes(),
+        out_dir=tmp_path / "run",
+        every=2,
+        config=ntkdyn.ProjectionConfig(kind="exact"),
+        loss_fn=dpo_per_sample_loss,
+        source="dpo",
+    )
+    cb.attach(trainer)
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer
+    assert type(optimizer) is torch.optim.AdamW and cb.split is not None and cb.split.last_parts is not None
+    assert cb.split.last_parts.coefficients["model.norm.weight"].clip < 1  # the clip was active
+    rows = read_jsonl(tmp_path / "run" / "dynamics.jsonl")
+    assert sorted({r["step"] for r in rows}) == [2, 4]
+    for r in rows:
+        parts = r["predicted_by_source"]
+        assert set(parts) == {"dpo/current", "dpo/momentum", "weight_decay", "rounding"}
+        scale = sum(abs(v) for v in parts.values())
+        without_rounding = sum(
+            v for k, v in parts.items() if k != "rounding"
+        )  # the split alone, without rounding
+        assert without_rounding == pytest.approx(r["predicted"], abs=1e-4 * scale)
+        assert abs(parts["rounding"]) < 1e-4 * scale
+        assert r["predicted_current"] == parts["dpo/current"]
+        assert r["predicted_kernel"] == pytest.approx(r["predicted_current"], abs=1e-4 * scale)
+        assert all(source == "dpo" for source, _, _ in r["top_train"])
+    logged = [entry for entry in trainer.state.log_history if "dynamics/gen/predicted_kernel" in entry]
+    assert [entry["step"] for entry in logged] == [2, 4]
+    step_4 = [r for r in rows if r["step"] == 4 and r["branch"] == "und"]
+    assert logged[1]["dynamics/und/dpo/momentum"] == pytest.approx(
+        sum(r["predicted_by_source"]["dpo/momentum"] for r in step_4) / len(step_4)
+    )

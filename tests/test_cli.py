@@ -89,7 +89,7 @@ def test_every_option_reaches_the_config_and_config_json():
     assert parse(["--no-track"]).track is False
     # derived defaults follow the options, as in a config built directly
     assert parse(["--run", "sft"]).train == RunConfig(train=TrainConfig(run="sft")).train
-    assert parse(["--run", "sft"]).train.lr == 3e-4 and parse([]).train.lr == 2e-4
+    assert parse(["--run", "sft"]).train.lr == 3e-4 and parse([]).train.lr == 5e-5
 
 
 def test_out_dir_holding_another_run_needs_resume_with_the_same_options(tmp_path, capsys, no_model_loading):

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from ntkdyn.models.toy import ToyAdapter
+from ntkdyn.trainer.config import DataConfig
 from ntkdyn.trainer.data import (
     Candidates,
     accepted_mask,
     build_train_set,
     collect_candidates,
+    judged_scores,
     load_round,
-    replay_batch,
     save_round,
     select,
     stratified_prompts,
@@ -153,21 +153,52 @@ def test_accepted_mask_of_each_judge():
     assert accepted_mask(cands, "self", 0.55).tolist() == [[False, True, False], [True, False, False]]
     assert torch.equal(accepted_mask(cands, "oracle"), cands.oracle)
     assert accepted_mask(cands, "none").all()
+    assert accepted_mask(cands, "inverted").tolist() == [[True, False, False], [False, True, True]]
 
 
-def test_replay_batch_labels_are_the_oracle_and_balanced():
-    adapter = ToyAdapter.tiny(seed=0)
-    world = adapter.world
-    prompts = stratified_prompts(world, "train", 30, seed=0)
-    batch = replay_batch(adapter, world, prompts, 16, seed=0, step=3)
-    by_text = {p.text: p for p in prompts}
-    for image, text, label in zip(
-        batch["replay_images"], batch["replay_prompts"], batch["replay_labels"], strict=True
-    ):
-        assert bool(label) == world.oracle(by_text[text], image)
-    assert batch["replay_labels"].tolist() == [True, False] * 8
-    again = replay_batch(adapter, world, prompts, 16, seed=0, step=3)
-    assert torch.equal(again["replay_images"], batch["replay_images"])
+def test_noisy_judge_flips_a_seeded_fraction_of_the_self_verdicts():
+    g = torch.Generator().manual_seed(0)
+    p_yes = torch.rand(400, 10, generator=g)
+    cands = Candidates(torch.arange(400), torch.zeros(400, 10, 1, dtype=torch.long), p_yes, p_yes > 0.3)
+    verdict = accepted_mask(cands, "self")
+    flipped = accepted_mask(cands, "noisy:0.3", seed=1, round_index=2) ^ verdict
+    # 4000 independent Bernoulli(0.3) flips: the share is within 5 standard errors (0.036) of 0.3
+    assert abs(flipped.float().mean().item() - 0.3) < 5 * (0.3 * 0.7 / 4000) ** 0.5
+    assert torch.equal(flipped, accepted_mask(cands, "noisy:0.3", seed=1, round_index=2) ^ verdict)
+    assert not torch.equal(flipped, accepted_mask(cands, "noisy:0.3", seed=2, round_index=2) ^ verdict)
+    assert not torch.equal(flipped, accepted_mask(cands, "noisy:0.3", seed=1, round_index=3) ^ verdict)
+    assert torch.equal(accepted_mask(cands, "noisy:1"), accepted_mask(cands, "inverted"))
+    for judge in ("self", "inverted", "noisy:0.3"):  # the ranking agrees with the verdicts
+        scores = judged_scores(cands, judge, seed=1, round_index=2)
+        assert torch.equal(scores > 0.5, accepted_mask(cands, judge, seed=1, round_index=2)), judge
+
+
+def test_an_inverted_judge_pairs_its_most_confident_no_over_its_most_confident_yes():
+    p_yes = torch.tensor([[0.2, 0.9, 0.6, 0.05], [0.7, 0.8, 0.95, 0.6]])
+    cands = Candidates(torch.arange(2), torch.zeros(2, 4, 1, dtype=torch.long), p_yes, p_yes > 0.5)
+    selection = select(judged_scores(cands, "inverted"), accepted_mask(cands, "inverted"), 0.0, 0.0)
+    assert selection.pairs.tolist() == [[0, 3, 1]]  # chosen p = 0.05, rejected p = 0.9
+    assert selection.discard.tolist() == [1]  # the model accepts every candidate: the inverted judge none
+
+
+@pytest.mark.parametrize(
+    ("judge", "message"),
+    [
+        ("noisy:0", "noisy:P needs"),
+        ("noisy:1.5", "noisy:P needs"),
+        ("noisy:x", "noisy:P needs"),
+        ("nois", "expected one of"),
+    ],
+)
+def test_bad_judges_are_refused_by_name(judge, message):
+    with pytest.raises(ValueError, match=message):
+        DataConfig(judge=judge)
+    with pytest.raises(ValueError, match=message):
+        accepted_mask(
+            Candidates(torch.arange(1), torch.zeros(1, 1, 1), torch.zeros(1, 1), torch.zeros(1, 1).bool()),
+            judge,
+        )
+    assert DataConfig(judge="noisy:0.25").judge == "noisy:0.25"
 
 
 def test_stratified_prompts_balance_categories_and_splits():

@@ -177,7 +177,7 @@ def test_tracker_in_hand_written_loop(tmp_path, optimizer):
         # per-sample contributions sum to the kernel form
         for r in probe_rows:
             if len(r["top_train"]) == 3:
-                assert sum(c for _, c in r["top_train"]) == pytest.approx(
+                assert sum(c for _, _, c in r["top_train"]) == pytest.approx(
                     r["predicted_sgd"], rel=1e-4, abs=1e-7
                 )
     summary = summarize_dynamics(probe_rows)
@@ -273,10 +273,12 @@ def test_summary_pools_branches_and_categories():
             "category": c,
             "group": f"{m}/{c}",
             "probe": f"{c}/{i}",
+            "before": -1.0,
             "observed": o,
             "predicted": o * 1.1 + 0.01 * s,
             "predicted_features": o,
             "predicted_sgd": None,
+            "top_train": [],
         }
         for s in (1, 2)
         for b, m in (("gen", "gen"), ("und", "und"), ("und", "caption"))
@@ -347,8 +349,8 @@ def test_ddp_gathers_training_features_and_rank0_writes(tmp_path):
     )
     rows = read_jsonl(tmp_path / "run" / "dynamics.jsonl")
     assert len(rows) == 4  # one writer
-    assert {u for r in rows for u, _ in r["top_train"]} <= set(range(6))
-    assert max(u for r in rows for u, _ in r["top_train"]) >= 3  # rank 1's samples are in the kernel form
+    assert {u for r in rows for _, u, _ in r["top_train"]} <= set(range(6))
+    assert max(u for r in rows for _, u, _ in r["top_train"]) >= 3  # rank 1's samples are in the kernel form
     for r in rows:
         assert r["predicted_sgd"] == pytest.approx(r["predicted"], rel=1e-6, abs=1e-10)
         assert r["predicted_features"] == pytest.approx(r["predicted"], rel=1e-6, abs=1e-10)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ntkdyn.evaluate import METRIC_KEYS, CandidateRecord, evaluate, main, read_prompts
+from ntkdyn.evaluate import METRIC_KEYS, CandidateRecord, evaluate, main, read_prompts, understanding_records
 from ntkdyn.models.base import Judgement
 from ntkdyn.models.scenes import oracle_of_images, resize_pixels, world_images
 from ntkdyn.models.toy import ToyAdapter
@@ -178,3 +178,12 @@ def test_images_of_another_resolution_round_trip_through_the_oracle(toy):
     assert all(parsed)
     assert oracle == [toy.world.oracle(p, s) for p, s in zip(asked, scenes, strict=True)]
     assert any(oracle) and not all(oracle)
+
+
+def test_understanding_records_are_the_evaluations_questions(toy, result):
+    prompts = [p for c in toy.world.categories for p in toy.world.prompts("eval", c)[:2]]
+    again = understanding_records(toy, toy.world, prompts, und_pairs=1, seed=0)
+    assert [(r.prompt, r.kind) for r in again] == [(r.prompt, r.kind) for r in result.und_records]
+    np.testing.assert_allclose([r.p_yes for r in again], [r.p_yes for r in result.und_records], atol=1e-6)
+    other = understanding_records(toy, toy.world, prompts, und_pairs=1, seed=1)
+    assert [r.p_yes for r in other] != [r.p_yes for r in again]  # other scenes

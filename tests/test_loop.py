@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from ntkdyn.analysis.attribution import SourceAttribution
 from ntkdyn.co_improvement import co_improvement
 from ntkdyn.models.toy import ToyAdapter
 from ntkdyn.rundir import read_jsonl
@@ -46,19 +47,32 @@ class Recorder:
     def __init__(self, adapter):
         self.adapter, self.calls = adapter, []
 
-    def before_step(self, step, model, loss_fn, batch):
+    def before_step(self, step, model, loss_fns, batch):
         assert self.adapter.model is model and isinstance(model, torch.nn.Module)
         self.calls.append(
             {
                 "step": step,
                 "before": copy.deepcopy(model.state_dict()),
                 "batch": batch,
-                "loss": loss_fn(model, batch).detach(),
+                "sources": sorted(loss_fns),
+                "loss": sum(fn(model, batch) for fn in loss_fns.values()).detach(),
             }
         )
 
     def after_step(self, step, model, lr):
         self.calls[-1].update(after=copy.deepcopy(model.state_dict()), lr=lr, after_step=step)
+
+
+class SplittingRecorder(Recorder):
+    """A Recorder that also asks the loop for the optimizer and keeps each step's split."""
+
+    def attribute(self, optimizer, named_parameters, sources, average_over=None):
+        self.split = SourceAttribution(optimizer, named_parameters, sources, average_over=average_over)
+        return self.split
+
+    def after_step(self, step, model, lr):
+        super().after_step(step, model, lr)
+        self.calls[-1]["parts"] = self.split.last_parts
 
 
 def _configs(**train):
@@ -91,6 +105,7 @@ def test_one_step_equals_a_hand_made_adamw_step_on_the_hook_batch(tmp_path):
     assert out == {"step": 2, "m": 1.0}
     first = recorder.calls[0]
     assert first["step"] == first["after_step"] == 1 and first["lr"] == 0.05
+    assert first["sources"] == ["gen", "und"]
     assert len(first["batch"]["prompts"]) == 6 and first["batch"]["replay_images"].shape[0] == 6
 
     reference.model.load_state_dict(first["before"])
@@ -170,3 +185,64 @@ def test_co_improvement_counts_against_the_oracle():
     assert got["co/fn_accepted"] == pytest.approx(sum(c[0] == 1 for c in fn) / len(fn))
     assert got["co/und_win"] == pytest.approx(sum(bool(c[0]) == c[2] for c in changed) / len(changed))
     assert got["co/judge_accuracy"] == pytest.approx(sum(bool(c[0]) == c[2] for c in cases) / len(cases))
+
+
+def _sums_to(parts, name, moved, ulp):
+    """Σ parts = θ_after - θ_before up to the rounding of θ and 32 float32 ulps of the parts: the clip
+    coefficient is known to 8 ulps (attribution.py) and the parts and torch's step round differently."""
+    pieces = [parts.weight_decay[name]] + [
+        x[name] for d in (parts.current, parts.momentum) for x in d.values()
+    ]
+    bound = 2 * ulp + 32 * torch.finfo(torch.float32).eps * sum(x.abs() for x in pieces)
+    assert ((parts.total()[name] - moved).abs() <= bound).all(), name
+
+
+def test_the_loop_splits_each_step_by_source_exactly(tmp_path):
+    """The trainer's step split by loss source (gen: the SFT term, und: the replay term) against a
+    recomputation from the two losses' gradients: step 1 of AdamW moves θ by -lr c g / (|c g| + ε) - lr wd θ,
+    so the current part of a source is -lr c g^s / (|c g| + ε), g^s the mean gradient of that source's
+    per-sample loss. Entries with |c g| < 1e-5 (their ratio amplifies float32 noise) are checked by
+    the sum of the parts only."""
+    adapter = ToyAdapter.tiny(seed=0)
+    prompts = stratified_prompts(adapter.world, "train", 6, seed=0)
+    recorder = SplittingRecorder(adapter)
+    train, data = _configs(max_steps=2, anchor="oracle")  # the self anchor has no gradient at step 1
+    Trainer(adapter, adapter.world, prompts, train, data, tmp_path, lambda a: {}, hooks=[recorder]).train({})
+    first, second = recorder.calls
+    reference = ToyAdapter.tiny(seed=0)
+    reference.model.load_state_dict(first["before"])
+    params = dict(reference.model.named_parameters())
+    terms = objective_terms(reference, "sft", replay_weight=1.0)(reference.model, first["batch"])
+    grads = {
+        s: dict(
+            zip(
+                params,
+                torch.autograd.grad(terms[f"loss/{s}"].mean(), list(params.values()), retain_graph=True),
+                strict=True,
+            )
+        )
+        for s in ("gen", "und")
+    }
+    total = {n: grads["gen"][n] + grads["und"][n] for n in params}
+    clip = min(1.0, 0.05 / torch.cat([g.flatten() for g in total.values()]).norm().item())
+    parts = first["parts"]
+    for name, p in params.items():
+        denominator = (clip * total[name]).abs() + 1e-8
+        large = denominator > 1e-5
+        for s in ("gen", "und"):
+            want = -0.05 * clip * grads[s][name] / denominator
+            torch.testing.assert_close(
+                parts.current[s][name][large], want[large], rtol=1e-3, atol=1e-6 * 0.05
+            )
+        torch.testing.assert_close(parts.weight_decay[name], -0.05 * 0.1 * p.detach(), rtol=1e-5, atol=1e-9)
+        assert not parts.momentum["gen"][name].any()  # no past steps at step 1
+        moved = first["after"][name] - first["before"][name]
+        ulp = torch.finfo(torch.float32).eps * first["before"][name].abs().max().item()  # rounding of θ
+        _sums_to(parts, name, moved, ulp)
+    assert all(parts.current[s][n].any() for s in ("gen", "und") for n in ("model.embed_tokens.weight",))
+    # step 2: the past step's first moments push too, and the parts still sum to the real update
+    assert any(second["parts"].momentum["und"][n].any() for n in params)
+    for name in params:
+        moved = second["after"][name] - second["before"][name]
+        ulp = torch.finfo(torch.float32).eps * second["before"][name].abs().max().item()  # rounding of θ
+        _sums_to(second["parts"], name, moved, ulp)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ntkdyn.models.toy import ToyAdapter
-from ntkdyn.trainer.data import replay_batch, stratified_prompts
+from ntkdyn.trainer.data import anchor_pool, stratified_prompts
 from ntkdyn.trainer.losses import dpo_loss, make_loss_fn, objective_terms, replay_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,7 +39,7 @@ def _batch(adapter, size):
     prompts = stratified_prompts(world, "train", size, seed=0)
     images = adapter.generate([p.text for p in prompts], 2, generator=torch.Generator().manual_seed(1))
     batch = {"prompts": [p.text for p in prompts], "images": images[:, 0], "rejected": images[:, 1]}
-    batch.update(replay_batch(adapter, world, prompts, size, seed=0, step=1))
+    batch.update(anchor_pool(adapter, world, prompts, 2 * size, "self", seed=0).batch(size, seed=0, step=1))
     return batch
 
 
@@ -63,7 +63,8 @@ def test_dpo_objective_per_sample_against_an_explicit_loop():
             batch["replay_images"][b : b + 1], batch["replay_prompts"][b : b + 1]
         ).log_odds
         p_yes = torch.sigmoid(log_odds.double()).item()
-        bce = -math.log(p_yes) if batch["replay_labels"][b] else -math.log(1 - p_yes)
+        target = batch["replay_labels"][b].item()  # soft: the pre-trained P(yes)
+        bce = -target * math.log(p_yes) - (1 - target) * math.log(1 - p_yes)
         want = math.log1p(math.exp(-z)) + nll * (-lp_c / L) + replay * bce
         assert math.isclose(got[b].item(), want, rel_tol=1e-4), (b, got[b].item(), want)
 

@@ -42,9 +42,11 @@ during the step per source (S) and one copy of p.grad, all in float32 or wider; 
 takes the difference (two passes over the gradients); the step checks p.grad = c·Σ_s g^s and
 m = Σ_s m^s (that is how an outside gradient or a desynchronised optimizer state is refused).
 DDP: a source's gradient is what its backward adds to p.grad; when every backward all-reduces, that
-is already the global average. Under ``no_sync`` (gradient accumulation) only the last backward
-all-reduces, so pass ``average_over`` (the DDP process group): the gathered source gradients are then
-averaged over ranks before the step (exact in both cases; one all-reduce per source and parameter).
+is already the global average. Under ``no_sync`` (gradient accumulation, or one backward per source,
+since DDP's reducer takes one backward per forward) the backwards add this rank's gradients, so pass
+``average_over`` (the process group): the gathered source gradients are then averaged over ranks before
+the step, and p.grad must by then hold c·Σ_s of those averages (the last backward synchronised, or the
+caller all-reduced p.grad itself after the contexts; one all-reduce per source and parameter).
 
 Refused by name: optimizers other than torch.optim.Adam/AdamW (subclasses may change the update),
 maximize (negate the loss instead), capturable, differentiable, tensor betas, complex or sparse
@@ -127,10 +129,12 @@ class _Slot:
         self.snapshot: Tensor | None = None  # p.grad when the last source context closed (None: zero)
         self.grads: dict[str, Tensor] = {}  # source → gradient gathered this step (absent: zero)
         self.moments: dict[str, Tensor] = {}  # source → m^s (absent: zero)
+        self.magnitude: Tensor | None = None  # mean over ranks of Σ_s |g^s| (average_over only)
 
     def clear(self) -> None:
         self.snapshot = None
         self.grads = {}
+        self.magnitude = None
 
 
 def _check_group(group: dict) -> None:
@@ -308,9 +312,9 @@ class SourceAttribution:
                     raise ValueError(f"SourceAttribution does not split sparse gradients ({slot.name})")
                 else:
                     plan.append((slot, group))
-        self._clip = self._clip_coefficient(plan)
         if self.average_over is not None:
             self._average(plan)
+        self._clip = self._clip_coefficient(plan)
         self._check_moments(plan)
         self._plan = []
         for slot, group in plan:
@@ -336,10 +340,11 @@ class SourceAttribution:
             for slot in outside:
                 slot.grads = {self.default_source: slot.param.grad.to(slot.dtype, copy=True)}
             return None
+        gathered = {slot.name: self._gathered(slot) for slot, _ in plan}
         dots = []  # per parameter <p.grad, Σ_s g^s> and |Σ_s g^s|², float64; c = the median ratio
         for slot, _ in plan:
-            if slot.snapshot is not None:
-                g, s = slot.param.grad.double().flatten(), slot.snapshot.double().flatten()
+            if gathered[slot.name] is not None:
+                g, s = slot.param.grad.double().flatten(), gathered[slot.name].double().flatten()
                 dots.append(torch.stack([torch.dot(g, s), torch.dot(s, s)]).to(plan[0][0].param.device))
         dots = torch.stack(dots)
         ratios = dots[:, 0][dots[:, 1] > 0] / dots[:, 1][dots[:, 1] > 0]
@@ -347,12 +352,15 @@ class SourceAttribution:
         flags = []
         for slot, _ in plan:
             grad = slot.param.grad.to(slot.dtype)
-            expected = (
-                torch.zeros_like(grad) if slot.snapshot is None else clip * slot.snapshot.to(slot.dtype)
-            )
+            reference = gathered[slot.name]
+            expected = torch.zeros_like(grad) if reference is None else clip * reference.to(slot.dtype)
             tol = _PROPORTIONAL_ULPS * torch.finfo(slot.param.grad.dtype).eps
+            scale = expected.abs()
+            if slot.magnitude is not None:  # averaged over ranks: the sums' rounding scales with Σ|g|
+                world = torch.distributed.get_world_size(self.average_over)
+                scale = scale + abs(clip) * world * slot.magnitude.to(slot.dtype)
             tiny = torch.finfo(slot.dtype).tiny
-            flags.append(((grad - expected).abs() <= tol * expected.abs() + tiny).all())
+            flags.append(((grad - expected).abs() <= tol * scale + tiny).all())
         bad = [slot.name for (slot, _), ok in zip(plan, _all_true(flags), strict=True) if not ok]
         if bad:
             raise RuntimeError(
@@ -361,13 +369,25 @@ class SourceAttribution:
             )
         return clip
 
+    def _gathered(self, slot: _Slot) -> Tensor | None:
+        """Σ_s g^s as p.grad should hold it before the clip: what the contexts left in p.grad, or with
+        ``average_over`` the sum of the rank-averaged source gradients (None: nothing gathered)."""
+        if self.average_over is None or slot.snapshot is None:
+            return slot.snapshot
+        return sum(slot.grads.values())
+
     def _average(self, plan: list) -> None:
+        """Each source gradient averaged over ranks, and the mean over ranks of Σ_s |g^s| (``magnitude``:
+        the scale of the rounding in p.grad's own average, whose terms may cancel); one all-reduce per
+        parameter."""
         world = torch.distributed.get_world_size(self.average_over)
         for slot, _ in plan:
-            for source in self.sources:
-                g = slot.grads.setdefault(source, torch.zeros_like(slot.param, dtype=slot.dtype))
-                torch.distributed.all_reduce(g, group=self.average_over)
-                g /= world
+            grads = [slot.grads.get(s, torch.zeros_like(slot.param, dtype=slot.dtype)) for s in self.sources]
+            stacked = torch.stack([*grads, sum(g.abs() for g in grads)])
+            torch.distributed.all_reduce(stacked, group=self.average_over)
+            stacked /= world
+            slot.grads = dict(zip(self.sources, stacked[:-1], strict=True))
+            slot.magnitude = stacked[-1]
 
     def _check_moments(self, plan: list) -> None:
         """torch's m must be Σ_s m^s: catches an optimizer state changed behind the split's back."""

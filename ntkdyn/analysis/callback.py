@@ -14,6 +14,16 @@ re-evaluates the probes. Usage::
     cb.attach(trainer)           # needed: gives the callback the batches (adds cb if not added yet)
     trainer.train()
 
+With the trainer's optimizer a torch.optim.AdamW or Adam (transformers' "adamw_torch" and
+"adamw_torch_fused"), every step is split exactly (ntkdyn.analysis.attribution): each training_step runs
+inside the one loss source's context (``source``, "train" by default; the trainer's clip is seen and
+undone exactly), so tracked rows carry predicted_by_source ("<source>/current", "<source>/momentum",
+"weight_decay"), predicted_current and, with loss_fn, predicted_kernel (the Adam-aware kernel). Other
+optimizers: those fields are None. A trainer resumed from its checkpoint has no per-source moments: its
+optimizer's first moment becomes the source "before_attach" (momentum only). After each tracked step the
+means per branch of the predictions (``dynamics_scalars``) go to ``trainer.log``: into
+``state.log_history`` and to every logger of ``report_to``.
+
 probes: ``{name: (fn, batch)}`` with ``fn(model, batch) -> Tensor[B]``; a name
 ``"measurement/category"`` sets both (e.g. ``"gen/aligned"``), otherwise both are the name.
 loss_fn: ``loss_fn(model, inputs) -> Tensor[B]`` per-sample training losses of the trainer's
@@ -38,8 +48,10 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from ntkdyn.analysis.probes import Fn, ProbeGroup
+from ntkdyn.analysis.attribution import SourceAttribution
+from ntkdyn.analysis.probes import TRAIN, Fn, ProbeGroup
 from ntkdyn.analysis.projector import ProjectionConfig
+from ntkdyn.analysis.summary import dynamics_scalars
 from ntkdyn.analysis.tracker import DynamicsTracker
 from ntkdyn.batch import to_device
 from ntkdyn.rundir import RunDir, truncate_tracking
@@ -57,6 +69,7 @@ class NTKDynamicsCallback(TrainerCallback):
         config: ProjectionConfig | None = None,
         loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None,
         top_contributors: int = 3,
+        source: str = TRAIN,
     ) -> None:
         if not probes:
             raise ValueError("NTKDynamicsCallback: probes must name at least one (fn, batch)")
@@ -71,7 +84,10 @@ class NTKDynamicsCallback(TrainerCallback):
         self.config = config
         self.loss_fn = loss_fn
         self.top_contributors = top_contributors
+        self.source = source
         self.tracker: DynamicsTracker | None = None
+        self.split: SourceAttribution | None = None
+        self._trainer: Trainer | None = None
         self._attached = False
         self._lr = float("nan")
 
@@ -86,43 +102,55 @@ class NTKDynamicsCallback(TrainerCallback):
 
         def training_step(model, inputs, *args, **kwargs):
             self._before(trainer, model, inputs)
-            return original(model, inputs, *args, **kwargs)
+            if self.split is None:
+                return original(model, inputs, *args, **kwargs)
+            with self.split.source(self.source):
+                return original(model, inputs, *args, **kwargs)
 
         trainer.training_step = training_step
+        self._trainer = trainer
         self._attached = True
         return self
 
     def _before(self, trainer: Trainer, model: nn.Module, inputs: dict) -> None:
-        step = trainer.state.global_step + 1  # the optimizer step this micro-batch belongs to
-        if step % self.every:
-            return
         module = trainer.accelerator.unwrap_model(model)
         device = next(module.parameters()).device
         if self.tracker is None:
-            groups = [
-                ProbeGroup(
-                    name,
-                    fn,
-                    to_device(batch, device),
-                    measurement=name.split("/")[0],
-                    category=name.split("/")[-1],
-                )
-                for name, (fn, batch) in self.probes.items()
-            ]
-            self.tracker = DynamicsTracker(
-                module,
-                groups,
-                self.out_dir,
-                every=self.every,
-                config=self.config,
-                top_contributors=self.top_contributors,
-            )
+            self._start(trainer, module, device)
+        step = trainer.state.global_step + 1  # the optimizer step this micro-batch belongs to
+        if step % self.every:
+            return
         if self.tracker.open_step != step:  # first micro-batch of the step: its learning rate
             scheduler = trainer.lr_scheduler
             self._lr = (
                 float(scheduler.get_last_lr()[0]) if scheduler is not None else trainer.args.learning_rate
             )
-        self.tracker.before_step(step, model, self.loss_fn, to_device(inputs, device))
+        losses = None if self.loss_fn is None else {self.source: self.loss_fn}
+        self.tracker.before_step(step, model, losses, to_device(inputs, device))
+
+    def _start(self, trainer: Trainer, module: nn.Module, device: torch.device) -> None:
+        """The tracker, and the split of the trainer's optimizer when it is torch's Adam or AdamW."""
+        groups = [
+            ProbeGroup(
+                name,
+                fn,
+                to_device(batch, device),
+                measurement=name.split("/")[0],
+                category=name.split("/")[-1],
+            )
+            for name, (fn, batch) in self.probes.items()
+        ]
+        self.tracker = DynamicsTracker(
+            module,
+            groups,
+            self.out_dir,
+            every=self.every,
+            config=self.config,
+            top_contributors=self.top_contributors,
+        )
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper
+        if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+            self.split = self.tracker.attribute(optimizer, module.named_parameters(), (self.source,))
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not self._attached:
@@ -134,4 +162,6 @@ class NTKDynamicsCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.tracker is not None and state.global_step % self.every == 0:
-            self.tracker.after_step(state.global_step, model, self._lr)
+            rows = self.tracker.after_step(state.global_step, model, self._lr)
+            if rows:
+                self._trainer.log(dynamics_scalars(rows))

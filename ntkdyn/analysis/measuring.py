@@ -52,6 +52,26 @@ def measuring(model: nn.Module) -> Iterator[None]:
             p.grad = g
 
 
+@contextlib.contextmanager
+def parameters_at(model: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The named parameters of ``model`` hold ``values`` inside (copied in under no_grad); their own
+    values, bit for bit, are copied back on exit."""
+    params = dict(model.named_parameters())
+    unknown = sorted(set(values) - set(params))
+    if unknown:
+        raise ValueError(f"parameters_at: the model has no parameters {unknown[:5]}")
+    saved = {n: params[n].detach().clone() for n in values}
+    try:
+        with torch.no_grad():
+            for n, v in values.items():
+                params[n].copy_(v)
+        yield
+    finally:
+        with torch.no_grad():
+            for n, v in saved.items():
+                params[n].copy_(v)
+
+
 class _CallFn(nn.Module):
     """Wraps ``fn(model, batch)`` as a module whose parameters are the model's, so that
     torch.func.functional_call can swap them while fn runs the model in its own way."""

@@ -41,6 +41,7 @@ class Checkpoint:
     model: dict[str, torch.Tensor]
     optimizer: dict
     logs: dict[str, int]  # log file name -> byte length
+    attribution: dict | None  # the per-source first moments (SourceAttribution.state_dict), if any
 
 
 def rng_state() -> dict:
@@ -59,9 +60,14 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(
-    run_dir: str | os.PathLike, position: Position, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    run_dir: str | os.PathLike,
+    position: Position,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    attribution: dict | None = None,
 ) -> None:
-    """Write the position, model, optimizer, RNG states and log lengths to checkpoint.safetensors."""
+    """Write the position, model, optimizer, RNG states and log lengths to checkpoint.safetensors
+    (and ``attribution``: the state of the optimizer's split by loss source, saved with the optimizer)."""
     run = RunDir(run_dir)
     state = {
         "position": vars(position),
@@ -69,6 +75,7 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict(),
         "rng": rng_state(),
         "logs": log_lengths(run),
+        "attribution": attribution,
     }
     save_state(run.checkpoint, state)
 
@@ -100,4 +107,10 @@ def load_checkpoint(run_dir: str | os.PathLike) -> Checkpoint | None:
         return None
     state = load_state(run.checkpoint)
     set_rng_state(state["rng"])
-    return Checkpoint(Position(**state["position"]), state["model"], state["optimizer"], state["logs"])
+    return Checkpoint(
+        Position(**state["position"]),
+        state["model"],
+        state["optimizer"],
+        state["logs"],
+        state.get("attribution"),
+    )

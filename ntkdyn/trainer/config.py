@@ -6,8 +6,11 @@ SelectionConfig (label-free checkpoint selection, ntkdyn.trainer.selection; off 
 Budget: a run is ``rounds`` rounds; each round collects data (Algorithm 1; in a curriculum
 run, round r > 0 revisits the discard pool, Algorithm 2) and then trains ``ceil(epochs * n /
 batch_size)`` optimizer steps on its n items, capped by ``max_steps // rounds`` (the remainder goes to
-the last round; max_steps 0: no cap). The defaults (2048 prompts, 30 epochs, 1000 steps) make every run
-take exactly 1000 steps, so runs with different filters, objectives and data sizes have an equal budget.
+the last round; max_steps 0: no cap). The defaults (2048 prompts, 30 epochs, 300 steps) make every run
+take exactly 300 steps, so runs with different filters, objectives and data sizes have an equal budget.
+The DPO defaults (lr 5e-5, 300 steps, about 5 epochs of its ~1800 pairs) come from the robustness grid of
+benchmarks/robustness.py: at lr 2e-4 and 1000 steps generation peaked after 100-500 steps and then fell
+below the pre-trained model on 3 of 4 independently pre-trained toy models (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from typing import Literal, get_args
 
 RunKind = Literal["sft", "dpo", "curriculum"]
 Objective = Literal["sft", "dpo"]
-Judge = Literal["self", "oracle", "none"]
+JUDGES = ("self", "oracle", "none", "inverted", "noisy:P")
 Schedule = Literal["cosine", "linear", "constant"]
 Trainable = Literal["shared", "all"]
+Anchor = Literal["self", "oracle", "none"]
 
 
 def _help(text: str, **kwargs) -> dict:
@@ -39,12 +43,12 @@ def _check_choice(value: str, name: str, choices: object) -> None:
 
 @dataclass
 class TrainConfig:
-    """Optimisation of the generation branch (and the optional understanding replay)."""
+    """Optimisation of the generation branch (and the understanding anchor term)."""
 
     run: RunKind = field(default="dpo", metadata=_help("run kind"))
     curriculum_objective: Objective = field(default="sft", metadata=_help("objective of a curriculum run"))
     lr: float | None = field(
-        default=None, metadata=_help("peak AdamW learning rate (default: 3e-4 for SFT, 2e-4 for DPO)")
+        default=None, metadata=_help("peak AdamW learning rate (default: 3e-4 for SFT, 5e-5 for DPO)")
     )
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
     warmup_steps: int = field(default=5, metadata=_help("linear warm-up steps"))
@@ -58,7 +62,7 @@ class TrainConfig:
         default=30.0, metadata=_help("epochs over each round's data, capped by --max-steps (paper: 20-30)")
     )
     max_steps: int = field(
-        default=1000,
+        default=300,
         metadata=_help(
             "cap on the optimizer steps over all rounds: every default run trains this many steps (equal "
             "budget across filters and objectives); 0 = no cap"
@@ -79,11 +83,20 @@ class TrainConfig:
             "it DPO lowered generation alignment on the toy model)"
         ),
     )
+    anchor: Anchor = field(
+        default="self",
+        metadata=_help(
+            "the understanding term's targets on a fixed pool of world scenes and hard negatives: self = "
+            "the pre-trained model's own P(yes) (no external labels in training), oracle = the world's "
+            "exact answers (external labels), none = no understanding term"
+        ),
+    )
+    anchor_pool: int = field(default=2048, metadata=_help("pairs in the anchor's pool of world scenes"))
     replay_weight: float = field(
         default=1.0,
         metadata=_help(
-            "weight of the understanding replay term (yes/no cross-entropy on world scenes and hard "
-            "negatives, one replay pair per training item); 0 = off"
+            "weight of the understanding term (soft cross-entropy of the judge's P(yes) to the anchor's "
+            "targets, one pool pair per training item); 0 = off, as --anchor none"
         ),
     )
     trainable: Trainable = field(
@@ -97,7 +110,7 @@ class TrainConfig:
         _check_choice(self.run, "run", RunKind)
         _check_choice(self.curriculum_objective, "curriculum_objective", Objective)
         if self.lr is None:
-            self.lr = 2e-4 if self.objective == "dpo" else 3e-4
+            self.lr = 5e-5 if self.objective == "dpo" else 3e-4
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
@@ -115,9 +128,16 @@ class TrainConfig:
         _check(self.beta > 0, "beta", f"DPO beta must be > 0, got {self.beta}")
         _check(self.nll_weight >= 0, "nll_weight", f"must be >= 0, got {self.nll_weight}")
         _check(self.replay_weight >= 0, "replay_weight", f"must be >= 0, got {self.replay_weight}")
+        _check_choice(self.anchor, "anchor", Anchor)
+        _check(self.anchor_pool >= 2, "anchor_pool", f"must be >= 2, got {self.anchor_pool}")
         _check_choice(self.trainable, "trainable", Trainable)
         _check(self.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
         _check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
+
+    @property
+    def understanding_weight(self) -> float:
+        """Weight of the understanding (anchor) term in the loss: 0 when it is off."""
+        return 0.0 if self.anchor == "none" else self.replay_weight
 
     @property
     def objective(self) -> Objective:
@@ -125,12 +145,35 @@ class TrainConfig:
         return self.curriculum_objective if self.run == "curriculum" else self.run
 
 
+def parse_judge(judge: str) -> tuple[str, float]:
+    """The data filter's judge: ("self" | "oracle" | "none" | "inverted", 0.0), or ("noisy", P) for
+    "noisy:P" with P in (0, 1] (the self-judge with a fraction P of its verdicts flipped); anything else
+    raises ValueError naming the accepted forms."""
+    kind, colon, rest = judge.partition(":")
+    if not colon and kind in JUDGES:
+        return kind, 0.0
+    if kind == "noisy" and colon:
+        try:
+            p = float(rest)
+        except ValueError:
+            p = float("nan")
+        if 0 < p <= 1:
+            return kind, p
+        raise ValueError(f"judge: noisy:P needs a flip fraction P in (0, 1], got {rest!r}")
+    raise ValueError(f"judge: expected one of {', '.join(JUDGES)}, got {judge!r}")
+
+
 @dataclass
 class DataConfig:
     """Self-improvement data (Algorithm 1): candidates, the judge and the filters."""
 
-    judge: Judge = field(
-        default="self", metadata=_help("filter: the model's own understanding, the exact oracle, or none")
+    judge: str = field(
+        default="self",
+        metadata=_help(
+            "filter: self (the model's own verdicts), oracle (the exact oracle: external labels), none "
+            "(accept all), inverted (the model's verdicts reversed) or noisy:P (its verdicts, a seeded "
+            "fraction P flipped)"
+        ),
     )
     candidates: int = field(default=8, metadata=_help("N candidates sampled per training prompt"))
     temperature: float = field(default=1.0, metadata=_help("sampling temperature of the candidates"))
@@ -155,7 +198,7 @@ class DataConfig:
     gen_batch: int = field(default=32, metadata=_help("prompts per generation/judging chunk"))
 
     def __post_init__(self) -> None:
-        _check_choice(self.judge, "judge", Judge)
+        parse_judge(self.judge)
         _check(self.candidates >= 1, "candidates", f"must be >= 1, got {self.candidates}")
         _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         _check(

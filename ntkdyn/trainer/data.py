@@ -2,18 +2,24 @@
 
 For every prompt y: sample N candidates x_1..x_N ~ pi^gen(.|y); judge them, s_i = P(yes | x_i, q(y));
     accepted_i = s_i > accept_threshold (--judge self; default 0.5, the model's verdict),
-                 the exact oracle (--judge oracle) or True (--judge none)
+                 the exact oracle (--judge oracle), True (--judge none), s_i <= accept_threshold
+                 (--judge inverted) or the self verdict xor a seeded Bernoulli(P) flip (--judge noisy:P):
+                 the last two are poor supervision on purpose (co-degradation)
     SFT set:   (y, x_i) for accepted x_i with s_i >= sft_threshold
     DPO pair:  chosen = argmax_{accepted} s_i, rejected = argmin_{rejected} s_i (the most confident
                of each side), kept when s_chosen - s_rejected >= dpo_margin
     discard:   y when no candidate is accepted (revisited by the curriculum, Algorithm 2)
-The thresholds act on the model's own P(yes); with --judge oracle the model's P(yes) still ranks the
-oracle-accepted and oracle-rejected candidates, and the thresholds are not applied.
+The thresholds act on the model's own P(yes); with another judge they are not applied, and the
+candidates are ranked by judged_scores: the model's P(yes), or 1 - P(yes) where the judge flips the
+verdict (an inverted judge's DPO pair prefers the candidate the model rejects most confidently).
 
 Generation and judging run in fixed chunks of ``gen_batch`` prompts, chunk c sampled with a generator
 seeded by (seed, round, c), and chunk c done by rank ``c % world_size``: the candidates do not depend on
 the number of processes. Each round is saved in the run directory (``data/round_R.safetensors`` with
 the tensors and the prompt texts in its metadata; ``data/round_R.jsonl`` one readable row per prompt).
+
+The understanding term of training replays a fixed AnchorPool of world scenes: with the default anchor
+"self" its targets are the pre-trained model's own P(yes), so no external label enters training.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from tqdm import tqdm
 from ntkdyn.models.base import UnifiedAdapter
 from ntkdyn.models.scenes import oracle_of_images, world_images
 from ntkdyn.rundir import RunDir, load_tensors, save_tensors, write_jsonl
+from ntkdyn.trainer.config import parse_judge
 from ntkdyn.trainer.distributed import Dist
 from ntkdyn.world import Prompt, ShapesWorld
 
@@ -65,15 +72,37 @@ class Selection:
     discard: torch.Tensor
 
 
-def accepted_mask(candidates: Candidates, judge: str, threshold: float = 0.5) -> torch.Tensor:
-    """BoolTensor[P, N]: which candidates the filter accepts (self: P(yes) > threshold; oracle; none: all)."""
-    if judge == "self":
-        return candidates.p_yes > threshold
-    if judge == "oracle":
-        return candidates.oracle.clone()
-    if judge == "none":
+def _flipped(candidates: Candidates, judge: str, seed: int, round_index: int) -> torch.Tensor:
+    """BoolTensor[P, N]: the candidates whose self verdict the judge reverses (inverted: all; noisy:P:
+    each independently with probability P, drawn from a generator seeded by (seed, round_index))."""
+    kind, flip = parse_judge(judge)
+    if kind == "inverted":
         return torch.ones_like(candidates.oracle)
-    raise ValueError(f"judge: expected 'self', 'oracle' or 'none', got {judge!r}")
+    if kind == "noisy":
+        return torch.rand(candidates.p_yes.shape, generator=seeded_generator(seed, 13, round_index)) < flip
+    return torch.zeros_like(candidates.oracle)
+
+
+def accepted_mask(
+    candidates: Candidates, judge: str, threshold: float = 0.5, seed: int = 0, round_index: int = 0
+) -> torch.Tensor:
+    """BoolTensor[P, N]: which candidates the filter accepts (the module docstring; ``judge`` as
+    trainer.config.parse_judge reads it): self: P(yes) > threshold; oracle; none: all; inverted and
+    noisy:P: the self verdict reversed where the judge flips it (seeded by (seed, round_index))."""
+    kind, _ = parse_judge(judge)
+    if kind == "oracle":
+        return candidates.oracle.clone()
+    if kind == "none":
+        return torch.ones_like(candidates.oracle)
+    return (candidates.p_yes > threshold) ^ _flipped(candidates, judge, seed, round_index)
+
+
+def judged_scores(candidates: Candidates, judge: str, seed: int = 0, round_index: int = 0) -> torch.Tensor:
+    """Tensor[P, N]: the scores Algorithm 1 ranks by, consistent with accepted_mask (same seed and
+    round): the model's P(yes), and 1 - P(yes) where the judge flips the verdict (so an inverted judge's
+    DPO pair is its most confident "no" over its most confident "yes")."""
+    flipped = _flipped(candidates, judge, seed, round_index)
+    return torch.where(flipped, 1 - candidates.p_yes, candidates.p_yes)
 
 
 def select(p_yes: torch.Tensor, accepted: torch.Tensor, sft_threshold: float, dpo_margin: float) -> Selection:
@@ -292,32 +321,75 @@ def load_round(path: Path) -> tuple[TrainSet, torch.Tensor, dict]:
     )
 
 
-def replay_batch(
-    adapter: UnifiedAdapter, world: ShapesWorld, prompts: Sequence[Prompt], size: int, seed: int, step: int
-) -> dict:
-    """``size`` understanding pairs for replay at optimizer step ``step`` (deterministic in (seed, step)).
+@dataclass
+class AnchorPool:
+    """The understanding pairs the anchor term replays, fixed for the run (paper.md §3's method trains
+    only generation; this term keeps the judge where it was).
 
-    Half true scenes (world.sample_image), half hard negatives (world.negatives, kind uniform), prompts
-    drawn uniformly from ``prompts``; labels from the exact oracle; scenes become the adapter's image
-    tokens through ``world_images``. Keys: replay_images LongTensor[size, L],
-    replay_prompts list[str], replay_labels BoolTensor[size].
+    images: LongTensor[N, L]; prompts: list[str] (N); targets: Tensor[N] in [0, 1], the target P(yes):
+        anchor "self":   the pre-trained model's own P(yes) (no external label; the loss is the soft
+                         cross-entropy to it, i.e. KL(pre-trained || current) plus a constant)
+        anchor "oracle": the world's exact answer as 0/1 (external labels in training)
+    Half the pairs are true scenes of the prompt (world.sample_image), half hard negatives
+    (world.negatives); the pool holds world scenes only, never the model's own generations: anchoring
+    the judge on its own generations would freeze exactly the verdicts co-improvement is about.
     """
-    rng = np.random.default_rng([seed, 7, step])
-    images, texts, labels = [], [], []
+
+    images: torch.Tensor
+    prompts: list[str]
+    targets: torch.Tensor
+
+    def batch(self, size: int, seed: int, step: int) -> dict:
+        """``size`` pairs drawn with replacement for optimizer step ``step`` (deterministic in (seed,
+        step)): replay_images LongTensor[size, L], replay_prompts list[str], replay_labels Tensor[size]."""
+        index = torch.randint(len(self.prompts), (size,), generator=seeded_generator(seed, 7, step))
+        return {
+            "replay_images": self.images[index],
+            "replay_prompts": [self.prompts[i] for i in index.tolist()],
+            "replay_labels": self.targets[index],
+        }
+
+
+def anchor_pool(
+    adapter: UnifiedAdapter,
+    world: ShapesWorld,
+    prompts: Sequence[Prompt],
+    size: int,
+    anchor: str,
+    seed: int,
+    chunk: int = 64,
+) -> AnchorPool:
+    """The AnchorPool of ``size`` pairs on ``prompts`` (drawn uniformly; deterministic in ``seed``).
+    Call it with the pre-trained model in ``adapter``: with anchor "self" the targets are its P(yes)
+    (judged in eval mode, ``chunk`` pairs at a time); the oracle is never called then."""
+    if anchor not in ("self", "oracle"):
+        raise ValueError(f"anchor: expected 'self' or 'oracle' for a pool, got {anchor!r}")
+    rng = np.random.default_rng([seed, 7])
+    scenes, texts, chosen = [], [], []
     for b in range(size):
         prompt = prompts[int(rng.integers(len(prompts)))]
-        image = world.sample_image(prompt, rng)
+        scene = world.sample_image(prompt, rng)
         if b % 2:
-            negatives = world.negatives(prompt, image, rng)
-            image = negatives[int(rng.integers(len(negatives)))][1]
-        images.append(image)
+            negatives = world.negatives(prompt, scene, rng)
+            scene = negatives[int(rng.integers(len(negatives)))][1]
+        scenes.append(scene)
         texts.append(prompt.text)
-        labels.append(world.oracle(prompt, image))
-    return {
-        "replay_images": world_images(adapter, world, images),
-        "replay_prompts": texts,
-        "replay_labels": torch.tensor(labels),
-    }
+        chosen.append(prompt)
+    images = world_images(adapter, world, scenes)
+    if anchor == "oracle":
+        targets = torch.tensor([float(world.oracle(p, x)) for p, x in zip(chosen, scenes, strict=True)])
+    else:
+        was_training = adapter.model.training
+        adapter.model.eval()
+        with torch.no_grad():
+            targets = torch.cat(
+                [
+                    adapter.judge(images[s : s + chunk], texts[s : s + chunk]).p_yes.float()
+                    for s in range(0, size, chunk)
+                ]
+            )
+        adapter.model.train(was_training)
+    return AnchorPool(images=images, prompts=texts, targets=targets)
 
 
 def stratified_prompts(world: ShapesWorld, split: str, count: int, seed: int) -> list[Prompt]:

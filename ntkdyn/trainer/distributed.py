@@ -51,6 +51,17 @@ class Dist:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def average_gradients(self, params: list[torch.Tensor]) -> None:
+        """p.grad of every parameter that has one replaced by its mean over ranks (one all-reduce)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not self.enabled or not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.world_size
+        for g, mean in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(mean.view_as(g))
+
 
 def init_distributed() -> Dist:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1): nccl with one GPU per local

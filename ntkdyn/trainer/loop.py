@@ -5,8 +5,8 @@
                 or Algorithm 2 on the discard pool (rounds r > 0 of a curriculum run, data added)
         train:  steps on the round's data; each step takes the next batch_size items of the round's
                 stream (seeded permutations of the data, one per epoch, concatenated), adds one
-                understanding-replay pair per item, calls the hooks' before_step, runs the micro-batches
-                (DDP: this rank's share of the batch), clips, steps AdamW, calls after_step, logs
+                anchor pair per item (trainer.data.AnchorPool), calls the hooks' before_step, runs the
+                micro-batches (DDP: this rank's share of the batch), clips, steps AdamW, after_step, logs
         evaluate every eval_every steps; checkpoint every checkpoint_every steps and at the end of every
         round; with label-free selection (SelectionConfig select_every > 0, ntkdyn.trainer.selection):
         a selection point at step 0, every select_every steps and at the last step, training stopped
@@ -17,13 +17,18 @@ is the pre-trained model). The learning rate is a function of the position in th
 warm-up over warmup_steps, then cosine / linear decay to 0 or constant.
 
 Hooks (the learning-dynamics tracker) are objects with
-    before_step(step, model, loss_fn, batch)  before any forward/backward of the step
-    after_step(step, model, lr)               right after optimizer.step()
+    before_step(step, model, loss_fns, batch)  before any forward/backward of the step
+    after_step(step, model, lr)                right after optimizer.step()
+and optionally ``attribute(optimizer, named_parameters, sources, average_over=...)``: the first hook that
+has it gets the optimizer once and returns a ntkdyn.analysis.attribution.SourceAttribution, which splits
+every step by loss source (the trainer runs each source's backward in its context).
 ``model`` is the underlying nn.Module (never the DDP wrapper). ``batch`` is this rank's share of the
-step's batch, all micro-batches concatenated (the whole batch in one process); ``loss_fn(model, batch)
--> Tensor[B]`` is the per-sample training loss whose mean over the batch is the step's loss: the SFT or
-DPO term, the NLL on chosen and the understanding replay of the same item (batch keys:
-ntkdyn.trainer.losses). Not included: nothing (weight decay is applied by AdamW outside the loss).
+step's batch, all micro-batches concatenated (the whole batch in one process); ``loss_fns`` maps each
+loss source (ntkdyn.trainer.losses.source_terms: "gen", the SFT or DPO term with the NLL on chosen; "und",
+the understanding (anchor) term of the same item, when on) to its per-sample loss ``fn(model, batch) ->
+Tensor[B]``; the step's loss is the mean over the batch of their sum. Not included: nothing (weight
+decay is applied by AdamW outside the loss). ``batch["sample_ids/gen"]``: the items' indices in the
+round's training set (data/round_R.jsonl), so that the tracker names the items behind a probe's change.
 """
 
 from __future__ import annotations
@@ -46,16 +51,17 @@ from ntkdyn.trainer.config import DataConfig, SelectionConfig, TrainConfig
 from ntkdyn.trainer.data import (
     TrainSet,
     accepted_mask,
+    anchor_pool,
     build_train_set,
     collect_candidates,
+    judged_scores,
     load_round,
-    replay_batch,
     save_round,
     seeded_generator,
     select,
 )
 from ntkdyn.trainer.distributed import Dist
-from ntkdyn.trainer.losses import make_loss_fn, objective_terms
+from ntkdyn.trainer.losses import source_loss_fns, source_terms
 from ntkdyn.trainer.selection import Selector, held_out_prompts
 from ntkdyn.world import Prompt, ShapesWorld
 
@@ -148,14 +154,25 @@ class Trainer:
         self.model = adapter.model
         self.params = trained_parameters(adapter, train.trainable)
         self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=train.weight_decay)
-        self.terms_fn = objective_terms(
-            adapter, train.objective, train.beta, train.nll_weight, train.replay_weight
+        self.source_terms = source_terms(
+            adapter, train.objective, train.beta, train.nll_weight, train.understanding_weight
         )
-        self.loss_fn = make_loss_fn(self.terms_fn)
+        self.loss_fns = source_loss_fns(self.source_terms)
         self.ddp = DistributedDataParallel(self.model) if dist.enabled else self.model
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        group = torch.distributed.group.WORLD if dist.enabled else None
+        attributing = [h for h in self.hooks if hasattr(h, "attribute")]
+        self.attribution = (  # splits every step by loss source (ntkdyn.analysis.attribution)
+            attributing[0].attribute(self.optimizer, named, tuple(self.source_terms), average_over=group)
+            if attributing
+            else None
+        )
         self.metrics_log = JsonlLog(self.run.metrics, dist.is_main)
         self.eval_log = JsonlLog(self.run.eval, dist.is_main)
         self.data_log = JsonlLog(self.run.data_log, dist.is_main)
+        self.anchor = None  # built from the pre-trained model: no training or restore has happened yet
+        if train.understanding_weight:
+            self.anchor = anchor_pool(adapter, world, prompts, train.anchor_pool, train.anchor, train.seed)
         self.selector = None
         if selection is not None and selection.select_every:
             held_out = held_out_prompts(world, prompts, selection.select_prompts, train.seed)
@@ -239,6 +256,13 @@ class Trainer:
             truncate_logs(self.run, checkpoint.logs, checkpoint.position.step)
         self.model.load_state_dict(checkpoint.model)
         self.optimizer.load_state_dict(checkpoint.optimizer)
+        if self.attribution:
+            if checkpoint.attribution is None:
+                raise ValueError(
+                    "resume: the checkpoint holds no per-source first moments (written without tracking or "
+                    "by an earlier version), so the split of the next steps by loss source cannot continue"
+                )
+            self.attribution.load_state_dict(checkpoint.attribution)
         self.dist.barrier()
         if self.selector:
             self.selector.restore()
@@ -265,13 +289,14 @@ class Trainer:
         lr = learning_rate(tc, k, steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = train_set.batch(stream_indices(len(train_set), tc.batch_size, k, tc.seed, r))
-        if tc.replay_weight:
-            batch.update(replay_batch(self.adapter, self.world, self.prompts, tc.batch_size, tc.seed, step))
+        items = stream_indices(len(train_set), tc.batch_size, k, tc.seed, r)
+        batch = {**train_set.batch(items), "sample_ids/gen": items}  # which items (the tracker's top_train)
+        if self.anchor is not None:
+            batch.update(self.anchor.batch(tc.batch_size, tc.seed, step))
         share = tc.batch_size // dist.world_size
         local = to_device(slice_batch(batch, dist.rank * share, (dist.rank + 1) * share), dist.device)
         for h in self.hooks:
-            h.before_step(step, self.model, self.loss_fn, local)
+            h.before_step(step, self.model, self.loss_fns, local)
         sums = self.backward(local, share)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.params, tc.grad_clip if tc.grad_clip else float("inf")
@@ -295,18 +320,22 @@ class Trainer:
         return row
 
     def backward(self, local: dict, share: int) -> dict[str, torch.Tensor]:
-        """Gradients of this rank's share of the step's loss, micro-batch by micro-batch (DDP syncs at the
-        last); returns each loss term summed over the share's items."""
+        """Gradients of this rank's share of the step's loss, micro-batch by micro-batch and one backward
+        per loss source (their forwards are disjoint; with a hook's attribution each backward runs in its
+        source's context). DDP: every backward without sync (its reducer takes one backward per
+        forward), then one all-reduce of the gradients. Returns each loss term summed over the share."""
         sums: dict[str, torch.Tensor] = {}
-        starts = list(range(0, share, self.cfg.micro_batch_size))
-        for i, s in enumerate(starts):
+        for s in range(0, share, self.cfg.micro_batch_size):
             micro = slice_batch(local, s, s + self.cfg.micro_batch_size)
-            sync = i == len(starts) - 1 or not self.dist.enabled
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                terms = self.terms_fn(self.ddp, micro)
-                (terms["loss"].sum() / share).backward()
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().float().sum()
+            with self.ddp.no_sync() if self.dist.enabled else contextlib.nullcontext():
+                for source, terms_fn in self.source_terms.items():
+                    with self.attribution.source(source) if self.attribution else contextlib.nullcontext():
+                        terms = terms_fn(self.ddp, micro)
+                        (terms[f"loss/{source}"].sum() / share).backward()
+                    for name, value in {**terms, "loss": terms[f"loss/{source}"]}.items():
+                        sums[name] = sums.get(name, 0.0) + value.detach().float().sum()
+        if self.dist.enabled:
+            self.dist.average_gradients(self.params)
         return sums
 
     def evaluate(self, step: int, **row) -> dict:
@@ -321,7 +350,8 @@ class Trainer:
     def checkpoint(self, position: Position) -> None:
         """Save the checkpoint, then delete the selection weights no point logged so far can select."""
         if self.dist.is_main:
-            save_checkpoint(self.run.root, position, self.model, self.optimizer)
+            attribution = self.attribution.state_dict() if self.attribution else None
+            save_checkpoint(self.run.root, position, self.model, self.optimizer, attribution)
             if self.selector:
                 self.selector.prune()
         self.dist.barrier()
@@ -350,9 +380,9 @@ class Trainer:
             r,
             self.dist,
         )
-        accepted = accepted_mask(candidates, dc.judge, dc.accept_threshold)
+        accepted = accepted_mask(candidates, dc.judge, dc.accept_threshold, tc.seed, r)
         thresholds = (dc.sft_threshold, dc.dpo_margin) if dc.judge == "self" else (0.0, 0.0)
-        selection = select(candidates.p_yes, accepted, *thresholds)
+        selection = select(judged_scores(candidates, dc.judge, tc.seed, r), accepted, *thresholds)
         new = build_train_set(
             self.adapter, candidates, selection, prompts, tc.objective, dc.gen_batch, self.dist
         )

@@ -6,6 +6,10 @@ random projection (sketches.py) of grad_theta fn(model, batch)[b] over the track
     E[<Phi_a, Phi_b>] = <grad f_a, grad f_b>          (the empirical NTK, unbiased; kind="exact": equal)
     E[<Phi_b, project_update(delta)>] = grad f_b . delta
 
+``per_sample_all(fn, batch, precondition, tangents)`` gives from the same single recording fn's values,
+Phi, the preconditioned Phi and the exact dots <grad f_b, t_k> with K tangents (the first-order change of
+f_b along each t_k; sketches.TangentDots), the views the tracker needs at a tracked step.
+
 How, for one call:
   1. capture.py   ONE forward of fn, recording every torch function call that uses a tracked
                   parameter (a TorchFunctionMode) and the stack of module calls (hooks). A call whose

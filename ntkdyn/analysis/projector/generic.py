@@ -35,18 +35,23 @@ from ntkdyn.analysis.projector.sketches import Sketch
 Active = list[tuple[int, torch.Tensor, Layout]]  # (leaf index, output-gradient, layout) of used outputs
 
 
-def generic_blocks(
-    call: ModuleCall, grads: list[tuple[torch.Tensor, Layout] | None], B: int, sketch: Sketch
-) -> Blocks:
-    """Per-sample projected gradient blocks of call.params; grads: (g, layout) per leaf, or None for a
-    leaf without gradient."""
+def generic_per_sample(
+    call: ModuleCall, grads: list[tuple[torch.Tensor, Layout] | None], B: int
+) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]] | None:
+    """(samples [S], [(tracked name, its per-sample gradients [S, *shape]) per parameter of the call]), or
+    None when no leaf has a gradient; grads: (g, layout) per leaf, or None for a leaf without gradient."""
     active = [(i, g, layout) for i, entry in enumerate(grads) if entry is not None for g, layout in [entry]]
     if not active or not call.params:
-        return
+        return None
     theta = {path: call.module.get_parameter(path).detach() for path in call.params}
     samples, per_sample = _per_sample(call, theta, active, B)
-    for path, name in call.params.items():
-        value = per_sample[path]
+    return samples, [(name, per_sample[path]) for path, name in call.params.items()]
+
+
+def generic_blocks(per_sample: tuple[torch.Tensor, list[tuple[str, torch.Tensor]]], sketch: Sketch) -> Blocks:
+    """Per-sample projected gradient blocks from generic_per_sample's result."""
+    samples, grads = per_sample
+    for name, value in grads:
         yield name, samples, sketch.project(name, value.reshape(value.shape[0], *sketch.blocks[name].shape2d))
 
 

@@ -1,11 +1,15 @@
 """GradientProjector: record one run of fn, read each recorded tensor's sample layout from autograd, turn
-output-gradients into per-sample gradient blocks (rules or the generic path), project, and self-check."""
+output-gradients into per-sample gradient blocks (rules or the generic path), project, and self-check.
+
+(Over 400 lines: one recorded run feeds several views, the plain and preconditioned projections and the
+tangent dots of per_sample_all, and the self-check; splitting the class would pass the run's state around.)"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,13 +19,23 @@ from ntkdyn.analysis.projector.capture import FunctionUse, Recorded, Rewrite, Ru
 from ntkdyn.analysis.projector.checks import block_errors, invisible_uses, shared_output_error
 from ntkdyn.analysis.projector.config import ProjectionConfig, owners, select_parameters
 from ntkdyn.analysis.projector.errors import SelfCheckError, UnsupportedModuleError
-from ntkdyn.analysis.projector.generic import generic_blocks
+from ntkdyn.analysis.projector.generic import generic_blocks, generic_per_sample
 from ntkdyn.analysis.projector.layout import find_layout, sample_codes, tolerance
-from ntkdyn.analysis.projector.sketches import Sketch
+from ntkdyn.analysis.projector.sketches import Sketch, TangentDots
 from ntkdyn.kernels.kron_projection import triton_available
 
 Fn = Callable[[nn.Module, Any], torch.Tensor]
 _COMPILED_PREFIX = "_orig_mod."
+
+
+@dataclass
+class PerSample:
+    """What :meth:`GradientProjector.per_sample_all` gives for one batch of B samples."""
+
+    values: torch.Tensor  # [B] fn's values
+    features: torch.Tensor  # [B, D] Phi
+    preconditioned: torch.Tensor | None  # [B, D] Phi of D ∘ grad, with a precondition
+    dots: torch.Tensor | None  # [B, K] float64 <grad fn[b], t_k>, with tangents
 
 
 def _is_compiled(module: nn.Module) -> bool:
@@ -89,6 +103,13 @@ class GradientProjector:
         """D, the length of every feature row."""
         return self._sketch.feature_dim
 
+    def feature_slices(self) -> dict[str, slice] | None:
+        """Each tracked parameter's columns of the features (kinds "kronecker"/"exact": <Phi_a, Phi_b> is
+        the sum over these blocks); None for kind="dense", whose JL mixes all parameters."""
+        if self.config.kind == "dense":
+            return None
+        return {n: slice(b.offset, b.offset + b.out_size) for n, b in self._sketch.blocks.items()}
+
     @property
     def spec(self) -> dict[str, Any]:
         """Everything that fixes the feature space; equal specs give comparable features."""
@@ -118,7 +139,9 @@ class GradientProjector:
                 f"incompatible projectors (feature dims {self.feature_dim} vs {other.feature_dim}): {detail}"
             )
 
-    def per_sample(self, fn: Fn, batch: Any) -> torch.Tensor:
+    def per_sample(
+        self, fn: Fn, batch: Any, precondition: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Phi [B, D]: row b projects grad_theta fn(model, batch)[b] (fn returns Tensor[B]). float64 for
         kind="exact" on a float64 model, float32 otherwise.
 
@@ -126,19 +149,65 @@ class GradientProjector:
         output with 1 row is broadcast over the batch); .grad fields are not touched; works under an
         outer torch.no_grad. The first call with each fn also runs :meth:`check`
         (``ProjectionConfig.self_check``).
+
+        precondition: a diagonal preconditioner, name -> positive tensor shaped like the parameter, for
+        every tracked parameter: row b then projects D ∘ grad fn[b], so <Phi_a(f), Phi_b(D-preconditioned
+        g)> estimates <grad f_a, D grad g_b> (exact for kind="exact"; with kind="kronecker" D is factored
+        where the projection is fused with per-token factors: sketches.py, :meth:`precondition_errors`).
+        Such a call is not self-checked (check fn without it).
         """
-        blocks, values = self._blocks(fn, batch)
-        if self.config.self_check and not any(f is fn for f in self._checked):
-            self._compare(fn, batch, blocks, values)
-            self._checked.append(fn)
+        if precondition is None:
+            return self.per_sample_all(fn, batch).features
+        views = [(self._sketch, self._by_tracked_name(precondition, "precondition"))]
+        (blocks,), values = self._blocks(fn, batch, views)
         return self._sketch.finish(blocks, values.shape[0], values.device)
+
+    def per_sample_all(
+        self,
+        fn: Fn,
+        batch: Any,
+        precondition: dict[str, torch.Tensor] | None = None,
+        tangents: Sequence[dict[str, torch.Tensor]] = (),
+    ) -> PerSample:
+        """Everything one recording of fn gives (the forward and backward passes of :meth:`per_sample`
+        once): values [B] (fn's values), features [B, D] (= per_sample(fn, batch), self-checked on the
+        first call with fn), with ``precondition`` also preconditioned [B, D] (= per_sample(fn, batch,
+        precondition)), and with ``tangents`` (K updates, each name -> tensor shaped like the parameter for
+        every tracked parameter, as project_update's delta) also dots [B, K] float64: the exact
+        <grad fn[b], t_k>, the first-order change of fn[b] along t_k (what forward-mode AD along t_k gives,
+        to float rounding; sketches.TangentDots), for all K at once."""
+        views: list[tuple[Any, dict[str, torch.Tensor] | None]] = [(self._sketch, None)]
+        if precondition is not None:
+            views.append((self._sketch, self._by_tracked_name(precondition, "precondition")))
+        if tangents:
+            named = [self._by_tracked_name(t, f"tangents[{i}]") for i, t in enumerate(tangents)]
+            views.append((TangentDots(self._sketch.blocks, named), None))
+        accs, values = self._blocks(fn, batch, views)
+        if self.config.self_check and not any(f is fn for f in self._checked):
+            self._compare(fn, batch, accs[0], values)
+            self._checked.append(fn)
+        B, device = values.shape[0], values.device
+        finished = [sketch.finish(acc, B, device) for (sketch, _), acc in zip(views, accs, strict=True)]
+        return PerSample(
+            values=values,
+            features=finished[0],
+            preconditioned=finished[1] if precondition is not None else None,
+            dots=finished[-1] if tangents else None,
+        )
+
+    def precondition_errors(self, precondition: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Per tracked parameter, ||D - r c^T|| / ||D|| of the factored preconditioner r c^T that the
+        preconditioned per_sample calls so far used for its block (0.0 where they applied D exactly:
+        blocks formed in full, embeddings, parameters not reached)."""
+        by_name = self._by_tracked_name(precondition, "precondition")
+        return {name: self._sketch.factored_error(name, d) for name, d in by_name.items()}
 
     def check(self, fn: Fn, batch: Any) -> dict[str, float]:
         """Self-check: for random per-sample weights w, sum_b w_b phi_b must equal the projection of the
         gradient of sum_b w_b fn(model, batch)[b] (one extra forward and backward), per feature block.
         Returns the relative error per tracked parameter; raises SelfCheckError naming every parameter
         whose error exceeds the tolerance of the computation's dtype, or when fn is not deterministic."""
-        blocks, values = self._blocks(fn, batch)
+        (blocks,), values = self._blocks(fn, batch, [(self._sketch, None)])
         return self._compare(fn, batch, blocks, values)
 
     def project_update(self, delta: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -147,23 +216,7 @@ class GradientProjector:
         delta: name -> tensor shaped like the parameter, for every tracked parameter (any of a tied
         parameter's names); entries for untracked parameters of the model are ignored.
         """
-        by_name: dict[str, torch.Tensor] = {}
-        for alias, value in delta.items():
-            key = alias.removeprefix(self._prefix) if self._prefix else alias
-            if key not in self._all_names:
-                raise ValueError(f"project_update: {alias!r} is not a parameter of the model")
-            name = self._alias_to_name.get(key)
-            if name is None:
-                continue
-            if tuple(value.shape) != tuple(self._params[name].shape):
-                raise ValueError(
-                    f"project_update: delta[{alias!r}] has shape {tuple(value.shape)}, the parameter has "
-                    f"{tuple(self._params[name].shape)}"
-                )
-            by_name[name] = value
-        missing = [n for n in self._params if n not in by_name]
-        if missing:
-            raise ValueError(f"project_update: delta lacks tracked parameters {missing}")
+        by_name = self._by_tracked_name(delta, "project_update: delta")
         device = next(iter(self._params.values())).device
         blocks = {
             name: self._sketch.project(name, by_name[name].detach().to(device).reshape(1, *block.shape2d))
@@ -172,6 +225,28 @@ class GradientProjector:
         return self._sketch.finish(blocks, 1, device)[0]
 
     # ------------------------------------------------------------------ internals
+    def _by_tracked_name(self, values: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+        """{tracked name: tensor} from a dict by any parameter name (untracked ones ignored); every tracked
+        parameter must be there, shaped like it."""
+        by_name: dict[str, torch.Tensor] = {}
+        for alias, value in values.items():
+            key = alias.removeprefix(self._prefix) if self._prefix else alias
+            if key not in self._all_names:
+                raise ValueError(f"{what}: {alias!r} is not a parameter of the model")
+            name = self._alias_to_name.get(key)
+            if name is None:
+                continue
+            if tuple(value.shape) != tuple(self._params[name].shape):
+                raise ValueError(
+                    f"{what}[{alias!r}] has shape {tuple(value.shape)}, the parameter has "
+                    f"{tuple(self._params[name].shape)}"
+                )
+            by_name[name] = value
+        missing = [n for n in self._params if n not in by_name]
+        if missing:
+            raise ValueError(f"{what} lacks tracked parameters {missing}")
+        return by_name
+
     def _eager(self) -> contextlib.AbstractContextManager:
         """torch.compile'd submodules run eagerly (their graphs would hide the calls from the recorder)."""
         if not self._compiled:
@@ -201,8 +276,11 @@ class GradientProjector:
         """The modules holding a tracked parameter, for messages."""
         return ", ".join(f"module {o!r}" if o else "the model" for o in self._owner_names[name])
 
-    def _blocks(self, fn: Fn, batch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Per-sample blocks {name: [B, k0, k1]} (absent: zero) and fn's values [B] (detached)."""
+    def _blocks(
+        self, fn: Fn, batch: Any, views: Sequence[tuple[Any, dict[str, torch.Tensor] | None]]
+    ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+        """From one recording of fn, per view (a sketch, and a preconditioner by tracked name or None) its
+        per-sample blocks {name: [B, ...]} (absent: zero); and fn's values [B] (detached)."""
         with torch.enable_grad(), self._eager():
             run = self._record(fn, batch)
             B = run.values.shape[0]
@@ -225,21 +303,32 @@ class GradientProjector:
                         "and re-running fn with a copy of it failed or changed fn's values; per-sample "
                         "gradients need its value at the time of the call"
                     )
-            acc: dict[str, torch.Tensor] = {}
-            for item, grads in zip(run.items, self._output_gradients(run, B, broadcast_tried), strict=True):
-                for name, samples, block in self._item_blocks(item, grads, B):
-                    if name not in acc:
-                        acc[name] = torch.zeros(B, *block.shape[1:], dtype=block.dtype, device=block.device)
-                    if block.shape[0] == B:  # samples == arange(B)
-                        acc[name] += block
-                    else:
-                        acc[name].index_add_(0, samples, block)
-        bad = [f"{name} ({self._modules_of(name)})" for name, v in acc.items() if not v.isfinite().all()]
+            output_gradients = self._output_gradients(run, B, broadcast_tried)
+            generic: dict[int, Any] = {}  # item index -> generic_per_sample (computed once for all views)
+            accs = []
+            for sketch, precondition in views:
+                acc: dict[str, torch.Tensor] = {}
+                with (
+                    contextlib.nullcontext() if precondition is None else sketch.preconditioned(precondition)
+                ):
+                    for item, grads in zip(run.items, output_gradients, strict=True):
+                        for name, samples, block in self._item_blocks(item, grads, B, sketch, generic):
+                            if name not in acc:
+                                acc[name] = torch.zeros(
+                                    B, *block.shape[1:], dtype=block.dtype, device=block.device
+                                )
+                            if block.shape[0] == B:  # samples == arange(B)
+                                acc[name] += block
+                            else:
+                                acc[name].index_add_(0, samples, block)
+                accs.append(acc)
+        # the first view's blocks (the others reuse the same output-gradients and activations)
+        bad = [f"{name} ({self._modules_of(name)})" for name, v in accs[0].items() if not v.isfinite().all()]
         if bad:
             raise FloatingPointError(
                 f"non-finite (NaN/Inf) per-sample gradient features for: {'; '.join(bad)}"
             )
-        return acc, run.values.detach()
+        return accs, run.values.detach()
 
     def _output_gradients(self, run: Run, B: int, broadcast_tried: bool) -> list[list]:
         """Per item, per leaf: (g = d sum_b f_b / d leaf, its layout), or None where g is zero."""
@@ -271,13 +360,18 @@ class GradientProjector:
             )
         return out
 
-    def _item_blocks(self, item: Recorded, grads: list, B: int):
+    def _item_blocks(self, item: Recorded, grads: list, B: int, sketch: Sketch | TangentDots, generic: dict):
+        """The item's per-sample blocks under ``sketch``; a module call's per-sample gradients are kept in
+        ``generic`` (by item index) for the other views of the same recording."""
         if isinstance(item, FunctionUse):
             if grads[0] is not None:
                 g, layout = grads[0]
-                yield from item.rule.blocks(item, g, layout, B, self._sketch)
+                yield from item.rule.blocks(item, g, layout, B, sketch)
             return
-        yield from generic_blocks(item, grads, B, self._sketch)
+        if item.index not in generic:
+            generic[item.index] = generic_per_sample(item, grads, B)
+        if generic[item.index] is not None:
+            yield from generic_blocks(generic[item.index], sketch)
 
     def _rerun(self, fn: Fn, batch: Any, run: Run, B: int) -> tuple[Run, bool]:
         """Run fn again, rewriting two kinds of recorded items (:class:`Rewrite`), when the first run has

@@ -64,10 +64,15 @@ def _weight_and_bias(
     mask = (g3 != 0).any(-1)
     if "weight" in use.params:
         name = use.params["weight"]
-        yield name, samples, sketch.tokens(name, *weight_factors, mask) * scales[0]
+        yield name, samples, _scaled(sketch.tokens(name, *weight_factors, mask), scales[0])
     if "bias" in use.params:
         name = use.params["bias"]
-        yield name, samples, sketch.tokens(name, g3, torch.ones_like(g3[..., :1]), mask) * scales[1]
+        yield name, samples, _scaled(sketch.tokens(name, g3, torch.ones_like(g3[..., :1]), mask), scales[1])
+
+
+def _scaled(block: torch.Tensor, scale: float) -> torch.Tensor:
+    """block * scale, without a copy for the usual scale 1."""
+    return block if scale == 1 else block * scale
 
 
 class Rule:

@@ -8,12 +8,22 @@ Every tracked parameter is seen as a matrix G of shape (d0, d1) (its stored shap
   - "exact": G itself.
 Factors are generated from (seed, parameter name, axis) with torch's CPU generator, never stored: the
 same seed gives the same features in every process.
+
+A diagonal preconditioner D (one positive tensor per parameter, e.g. Adam's 1/(√v̂+ε) times the step's
+scale; :meth:`Sketch.preconditioned`) is folded in: each block becomes the projection of D ∘ G_b. Exactly
+where G_b is formed in full before projecting (kinds "exact"/"dense", Kronecker blocks with no projected
+axis, the generic path) and for embeddings (a token's gradient is one row: D's row scales it); where the
+Kronecker projection is fused with per-token factors (Σ_t g_t a_t^T, a projected axis) D is replaced by
+its factored approximation r c^T (:func:`factored`), so that D ∘ (g a^T) = (r ∘ g)(c ∘ a)^T stays a
+Kronecker product of rescaled factors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +59,16 @@ def _hadamard(x: torch.Tensor) -> torch.Tensor:
         x = torch.stack((x[..., 0, :] + x[..., 1, :], x[..., 0, :] - x[..., 1, :]), dim=-2)
         h *= 2
     return x.reshape(*lead, n) / math.sqrt(n)
+
+
+def factored(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column factors (r [d0], c [d1]) of a positive matrix d [d0, d1] with r c^T ≈ d: the
+    least-squares fit of log d by log r_i + log c_j (exact when d is rank one; for Adam's preconditioner
+    the error is measured in BENCHMARKS.md). Computed in float64."""
+    log = d.double().clamp_min(torch.finfo(torch.float64).tiny).log()  # zeros: the smallest normal
+    row = log.mean(1)
+    col = log.mean(0) - log.mean()
+    return row.exp(), col.exp()
 
 
 def matrix_shape(param: torch.Tensor) -> tuple[int, int]:
@@ -87,6 +107,38 @@ class Sketch:
             offset += 0 if config.kind == "dense" else out_size
         self.feature_dim = config.k if config.kind == "dense" else offset
         self._factors: dict[tuple[str, int, str], torch.Tensor | None] = {}
+        self._precondition: dict[str, torch.Tensor] | None = None  # name -> D [d0, d1]
+        self._precondition_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.factored_names: set[str] = set()  # blocks that used the factored D in a preconditioned call
+
+    def fused(self, name: str) -> bool:
+        """Whether the block's Kronecker projection is fused with per-token factors (a projected axis)."""
+        return self.config.kind == "kronecker" and any(d > self.config.k for d in self.blocks[name].shape2d)
+
+    @contextlib.contextmanager
+    def preconditioned(self, precondition: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Inside: every block is the projection of D ∘ G (D = precondition[name], [d0, d1], positive)."""
+        self._precondition = {
+            n: d.reshape(self.blocks[n].shape2d).to(self.dtype) for n, d in precondition.items()
+        }
+        self._precondition_factors = {
+            n: tuple(f.to(self.dtype) for f in factored(d))
+            for n, d in self._precondition.items()
+            if self.fused(n)
+        }
+        try:
+            yield
+        finally:
+            self._precondition, self._precondition_factors = None, {}
+
+    def factored_error(self, name: str, d: torch.Tensor) -> float:
+        """||d - r c^T|| / ||d|| of the factored approximation of d for this block; 0.0 for a block that
+        never used it (D exact: formed in full, an embedding, or not reached yet)."""
+        if name not in self.factored_names:
+            return 0.0
+        d = d.reshape(self.blocks[name].shape2d).double()
+        row, col = factored(d)
+        return float((d - row[:, None] * col[None, :]).norm() / d.norm())
 
     def factor(self, name: str, axis: int, device: torch.device) -> torch.Tensor | None:
         """Seeded [d_axis, k] factor of a parameter, or None (identity) when d_axis <= k or not kronecker."""
@@ -105,6 +157,8 @@ class Sketch:
     def project(self, name: str, grads: torch.Tensor) -> torch.Tensor:
         """[S, d0, d1] gradients -> [S, k0, k1] = P0^T G P1 (identity axes kept)."""
         grads = grads.to(self.dtype)
+        if self._precondition is not None:
+            grads = grads * self._precondition[name]
         p0, p1 = self.factor(name, 0, grads.device), self.factor(name, 1, grads.device)
         if p0 is not None:
             grads = torch.einsum("bij,ik->bkj", grads, p0)
@@ -114,6 +168,13 @@ class Sketch:
 
     def tokens(self, name: str, left: torch.Tensor, right: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """sum_t m_t (P0^T left_t)(P1^T right_t)^T: left [S, T, d0], right [S, T, d1] -> [S, k0, k1]."""
+        if name in self._precondition_factors:
+            self.factored_names.add(name)
+            row, col = self._precondition_factors[name]
+            left, right = left * row.to(left.dtype), right * col.to(right.dtype)
+        elif self._precondition is not None:  # the block is formed in full: D exactly
+            full = kron_projection(left, right, None, None, mask, "torch").to(self.dtype)
+            return self.project(name, full)
         if self.config.kind != "kronecker":
             return kron_projection(left, right, None, None, mask, "torch").to(self.dtype)
         p0, p1 = self.factor(name, 0, left.device), self.factor(name, 1, left.device)
@@ -126,6 +187,8 @@ class Sketch:
         """Embedding weight [V, dim]: sum_t m_t e_{id_t} g_t^T, projected by gathering the rows P0[id_t]
         (never a [S, V, dim] tensor unless the vocabulary axis is kept exact). ids [S, T], g [S, T, dim]."""
         gf = torch.where(mask.unsqueeze(-1), g.to(self.dtype), 0.0)
+        if self._precondition is not None:  # token t's gradient is row id_t: D's row id_t scales it
+            gf = gf * self._precondition[name][ids]
         p0, p1 = self.factor(name, 0, g.device), self.factor(name, 1, g.device)
         if p1 is not None:
             gf = gf @ p1
@@ -181,3 +244,57 @@ class Sketch:
             seed = stable_seed(self.config.seed, name, "dense", chunk)
             out += part @ random_matrix(seed, part.shape[1], k, self.config.distribution).to(flat)
         return out / math.sqrt(k)
+
+
+_FULL_BLOCK_ENTRIES = 1 << 25  # S * d0 * d1 up to which TangentDots.tokens forms the samples' blocks in full
+
+
+class TangentDots:
+    """The sketch interface (project, tokens, embedding, finish) with the exact dots of each sample's
+    gradient block with K tangents instead of a projection: block [S, K] = <G_s, V_k> (float64), so that
+    ``finish`` gives [B, K] = <∇f_b, t_k>, the exact first-order change of f_b along every t_k at once.
+
+    tangents: K dicts {tracked name: tensor shaped like the parameter}; a block's [K, d0, d1] stack is
+    formed (float64) only while that block is computed, so at most one block's is held at a time."""
+
+    def __init__(self, blocks: dict[str, Block], tangents: Sequence[dict[str, torch.Tensor]]):
+        self.blocks = blocks
+        self.dtype = torch.float64
+        self._tangents = tangents
+        self.K = len(tangents)
+
+    def _stacked(self, name: str, device: torch.device) -> torch.Tensor:
+        """[K, d0, d1] float64: every tangent's block of the parameter."""
+        shape = self.blocks[name].shape2d
+        return torch.stack([t[name].detach().to(device, self.dtype).reshape(shape) for t in self._tangents])
+
+    def project(self, name: str, grads: torch.Tensor) -> torch.Tensor:
+        """[S, d0, d1] gradients -> [S, K] dots."""
+        v = self._stacked(name, grads.device)
+        return grads.reshape(grads.shape[0], -1).to(self.dtype) @ v.reshape(self.K, -1).T
+
+    def tokens(self, name: str, left: torch.Tensor, right: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[S, K]: <Σ_t m_t left_t right_t^T, V_k>, by forming each sample's block (when S d0 d1 entries
+        fit _FULL_BLOCK_ENTRIES) or else as Σ_t m_t left_t^T V_k right_t tangent by tangent."""
+        d0, d1 = self.blocks[name].shape2d
+        if left.shape[0] * d0 * d1 <= _FULL_BLOCK_ENTRIES:
+            return self.project(name, kron_projection(left, right, None, None, mask, "torch"))
+        keep = mask.unsqueeze(-1)
+        lf = torch.where(keep, left.to(self.dtype), 0.0)
+        rf = right.to(self.dtype)
+        v = self._stacked(name, left.device)
+        return torch.stack([((lf @ v[k]) * rf).sum((1, 2)) for k in range(self.K)], dim=1)
+
+    def embedding(self, name: str, ids: torch.Tensor, g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[S, K]: Σ_t m_t <V_k[id_t], g_t> (ids [S, T], g [S, T, dim])."""
+        gf = torch.where(mask.unsqueeze(-1), g.to(self.dtype), 0.0)
+        v = self._stacked(name, g.device)
+        return torch.stack([(v[k][ids] * gf).sum((1, 2)) for k in range(self.K)], dim=1)
+
+    def finish(self, acc: dict[str, torch.Tensor | None], B: int, device: torch.device) -> torch.Tensor:
+        """Blocks [B, K] (None = zero) summed over the tracked parameters: [B, K]."""
+        out = torch.zeros(B, self.K, dtype=self.dtype, device=device)
+        for value in acc.values():
+            if value is not None:
+                out += value
+        return out
