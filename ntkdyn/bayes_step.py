@@ -23,8 +23,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from ntkdyn.analysis.measuring import parameters_at
 from ntkdyn.analysis.statistics import agreement_with_ci
-from ntkdyn.co_improvement import parameters_set_to
 from ntkdyn.models.base import UnifiedAdapter
 from ntkdyn.shapes_probes import Probe
 from ntkdyn.world import Prompt, ShapesWorld
@@ -109,7 +109,7 @@ def bayes_step(
     sets = [competing_prompts(world, p, edits, seed, meanings[p.category]) for p in parsed]
     was_training = adapter.model.training
     adapter.model.eval()
-    with parameters_set_to(adapter.model, pretrained):
+    with parameters_at(adapter.model, pretrained):
         before = _measure(adapter, probes, sets)
     after = _measure(adapter, probes, sets)
     adapter.model.train(was_training)

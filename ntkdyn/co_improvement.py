@@ -19,12 +19,11 @@ the pre-trained model (P(yes) then, verdict v0 = 1[P(yes) > 1/2]) and once by th
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
-from torch import nn
 
+from ntkdyn.analysis.measuring import parameters_at
 from ntkdyn.analysis.statistics import delta_auroc_with_ci, random_like_update, verdict_rates_with_ci
 from ntkdyn.models.base import UnifiedAdapter
 
@@ -108,26 +107,6 @@ def frozen_set_report(
     return out | {"n": len(records), "prompts": len(set(clusters)), "resamples": resamples}
 
 
-@contextlib.contextmanager
-def parameters_set_to(model: nn.Module, values: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """Within the block the named parameters of ``model`` hold ``values`` (the others are unchanged);
-    afterwards every parameter holds what it held before."""
-    params = dict(model.named_parameters())
-    unknown = set(values) - set(params)
-    if unknown:
-        raise ValueError(f"parameters_set_to: the model has no parameters {sorted(unknown)[:5]}")
-    saved = {n: params[n].detach().clone() for n in values}
-    try:
-        with torch.no_grad():
-            for n, v in values.items():
-                params[n].copy_(v)
-        yield
-    finally:
-        with torch.no_grad():
-            for n, v in saved.items():
-                params[n].copy_(v)
-
-
 def random_update_null(
     adapter: UnifiedAdapter,
     pretrained: Mapping[str, torch.Tensor],
@@ -151,7 +130,7 @@ def random_update_null(
     moved = {n: pretrained[n].to(params[n].device, params[n].dtype) + random[n] for n in pretrained}
     was_training = adapter.model.training
     adapter.model.eval()
-    with parameters_set_to(adapter.model, moved):
+    with parameters_at(adapter.model, moved):
         p_null = judge_records(adapter, records)
     adapter.model.train(was_training)
     norm = torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values())).item() if delta else 0.0

@@ -14,12 +14,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ntkdyn.analysis.measuring import parameters_at
 from ntkdyn.bayes_step import bayes_step
 from ntkdyn.co_improvement import (
     co_improvement_verdict,
     frozen_set_report,
     judge_records,
-    parameters_set_to,
     random_update_null,
 )
 from ntkdyn.config import RunConfig
@@ -54,7 +54,7 @@ def end_of_run_report(
     report["null_random"] = random_update_null(adapter, pretrained, records, p_before, seed=seed)
     report["verdict"] = co_improvement_verdict(report, report["null_random"])
     report["external_labels_in_training"] = cfg.external_labels_in_training
-    with parameters_set_to(adapter.model, pretrained):
+    with parameters_at(adapter.model, pretrained):
         und_before = understanding_records(adapter, world, eval_prompts, cfg.eval.eval_und_pairs, seed)
     final = final or EvalResult({}, list(records), und_before)
     change = gap_change_with_ci(records, final.records, und_before, final.und_records, seed=seed)

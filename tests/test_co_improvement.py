@@ -10,13 +10,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from ntkdyn.analysis.measuring import parameters_at
 from ntkdyn.analysis.statistics import random_like_update
 from ntkdyn.co_improvement import (
     co_improvement,
     co_improvement_verdict,
     frozen_set_report,
     judge_records,
-    parameters_set_to,
     random_update_null,
 )
 from ntkdyn.config import RunConfig
@@ -125,15 +125,15 @@ def test_random_update_null_is_the_pretrained_model_moved_by_a_random_update_of_
     assert {"delta_auroc_ci", "fp_rejected", "tp_kept"} <= set(null)
 
 
-def test_parameters_set_to_restores_after_an_error():
+def test_parameters_at_restores_after_an_error():
     model = torch.nn.Linear(2, 2)
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with pytest.raises(RuntimeError), parameters_set_to(model, {"weight": torch.zeros(2, 2)}):
+    with pytest.raises(RuntimeError), parameters_at(model, {"weight": torch.zeros(2, 2)}):
         assert model.weight.abs().sum() == 0
         raise RuntimeError
     assert all(torch.equal(p, saved[n]) for n, p in model.named_parameters())
     with pytest.raises(ValueError, match="no parameters"):
-        with parameters_set_to(model, {"nope": torch.zeros(1)}):
+        with parameters_at(model, {"nope": torch.zeros(1)}):
             pass
 
 
