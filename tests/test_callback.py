@@ -222,17 +222,22 @@ def dpo_per_sample_loss(model, inputs):
     return -F.logsigmoid(BETA * margin)
 
 
-def test_callback_in_trl_dpo_trainer(tmp_path):
-    model = tiny_llama()
-    tokenizer = tiny_tokenizer()
+def dpo_dataset() -> datasets.Dataset:
+    """Eight prompt/chosen/rejected rows for TRL's DPOTrainer."""
     prompts = ["a red circle", "the blue square", "a blue circle", "the red square"] * 2
-    data = datasets.Dataset.from_dict(
+    return datasets.Dataset.from_dict(
         {
             "prompt": prompts,
             "chosen": [" is yes", " is red", " yes", " circle"] * 2,
             "rejected": [" is no", " no no", " blue", " square is"] * 2,
         }
     )
+
+
+def test_callback_in_trl_dpo_trainer(tmp_path):
+    model = tiny_llama()
+    tokenizer = tiny_tokenizer()
+    data = dpo_dataset()
     args = trl.DPOConfig(
         output_dir=str(tmp_path / "dpo"),
         per_device_train_batch_size=4,
@@ -272,14 +277,7 @@ def test_callback_splits_trl_dpo_adamw_steps_and_logs_to_the_trainer(tmp_path):
     per-branch scalars reach the trainer's own log history."""
     model = tiny_llama()
     tokenizer = tiny_tokenizer()
-    prompts = ["a red circle", "the blue square", "a blue circle", "the red square"] * 2
-    data = datasets.Dataset.from_dict(
-        {
-            "prompt": prompts,
-            "chosen": [" is yes", " is red", " yes", " circle"] * 2,
-            "rejected": [" is no", " no no", " blue", " square is"] * 2,
-        }
-    )
+    data = dpo_dataset()
     args = trl.DPOConfig(
         output_dir=str(tmp_path / "dpo"),
         per_device_train_batch_size=4,

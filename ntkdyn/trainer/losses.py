@@ -46,9 +46,10 @@ def dpo_loss(
 
 
 def replay_loss(log_odds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy of the yes-vs-no log-odds against the oracle label: Tensor[B].
+    """Binary cross-entropy of the yes-vs-no log-odds against the anchor's target: Tensor[B].
 
-    = softplus(-log_odds) where label is yes, softplus(log_odds) where it is no.
+    With a soft target t in [0, 1] (the self anchor's pre-trained P(yes)): -t log p - (1-t) log(1-p),
+    p = sigmoid(log_odds); with t in {0, 1} (the oracle anchor) softplus(-log_odds) or softplus(log_odds).
     """
     return F.binary_cross_entropy_with_logits(log_odds, labels.to(log_odds.dtype), reduction="none")
 
