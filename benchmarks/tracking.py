@@ -1,28 +1,34 @@
-"""Tracking overhead and prediction quality: a tracked step against a plain step of the same run.
+"""Tracking cost and prediction quality: plain, stored and tracked steps of the same run.
 
 The default toy unified model (ToyConfig size, randomly initialised from seed 0, or a saved one
 with --model-dir) trains with the default DPO objective of ``python -m ntkdyn.track --run dpo``
-(AdamW at its default lr, beta, understanding replay; batch of --batch pairs). Steps alternate:
-odd steps plain (forward/backward per loss source, clip, AdamW), even steps tracked (before_step + the
-same step + after_step), so both are timed on the same model in the same process. As in the trainer,
-the step is split by loss source (gen, und) on every step (SourceAttribution; plain steps include that
-cost) and a tracked step adds the probes' exact first order along every part and the preconditioned
-training features (GradientProjector.per_sample_all: one recording per probe group and training batch).
+(AdamW at its default lr, beta, understanding anchor; batch of --batch pairs), each step as the trainer
+runs it (trainer/loop.py: one forward and backward per loss source inside the split's context and the
+hooks' ``recording``, clip, AdamW). Steps cycle through three kinds, timed on the same model in the same
+process:
+  plain    no hook (the step is split by loss source on every step: SourceAttribution's cost included)
+  stored   the gradient store (analysis/gradient_store.py, --store-k): every training sample's projected
+           gradient captured from the step's own forward and backward and written to the run directory
+  tracked  the tracker (before_step, the step, after_step): the probes' features and exact first order
+           along every part of the split update (one recording per probe group), the training features
+           and preconditioned features from the step's own backward, the Gram matrix, rows and kernels
+The first step of each kind is not timed (it calibrates the sample layouts with a full recording).
 Times are CPU time of this process (time.process_time, summed over its threads), which other processes
 sharing the machine do not inflate the way they inflate wall-clock time. For every projection size
-and probe count of the grid, it prints the median plain and tracked step times, the overhead
-factor, the Pearson correlation of predicted with observed change (exact first order, features) and
+and probe count of the grid, it prints the median step times, the store's overhead and the tracked /
+plain ratio, the Pearson correlation of predicted with observed change (exact first order, features) and
 of the kernel forms (Adam-aware kernel, SGD form) with the exact current-step part, per branch over the
 run's tracked steps, as a Markdown table.
 
-    python benchmarks/tracking.py --ks 64 128 --probes 2 8 --steps 12  # the grid of BENCHMARKS.md
-    python benchmarks/tracking.py --ks 64 --probes 8 --model-dir ntkdyn/models/pretrained/toy  # shipped
+    python benchmarks/tracking.py --ks 64 128 --probes 2 8  # the grid of BENCHMARKS.md
+    python benchmarks/tracking.py --ks 128 --probes 8 --model-dir ntkdyn/models/pretrained/toy  # default
     python benchmarks/tracking.py --factored-from RUN_DIR   # error of the factored Adam preconditioner
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -31,6 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ntkdyn.analysis.gradient_store import GradientStore
 from ntkdyn.analysis.projector import ProjectionConfig
 from ntkdyn.analysis.summary import summarize_dynamics
 from ntkdyn.config import TrackingConfig
@@ -91,7 +98,13 @@ def dpo_batch(
 
 
 def run(
-    model_dir: str | None, kind: str, k: int | None, per_category: int, steps: int, batch_size: int
+    model_dir: str | None,
+    kind: str,
+    k: int | None,
+    per_category: int,
+    steps: int,
+    batch_size: int,
+    store_k: int,
 ) -> dict:
     cfg = TrainConfig(run="dpo")
     adapter, reference = build_adapter(model_dir), build_adapter(model_dir)
@@ -104,34 +117,46 @@ def run(
         anchor = anchor_pool(adapter, adapter.world, train, cfg.anchor_pool, cfg.anchor, cfg.seed)
     records = pretrained_records(adapter, 4 * per_category)
     projection = ProjectionConfig(kind=kind, k=k)
-    settings = TrackingConfig(track_every=2, projection=projection, probes_per_category=per_category)
+    settings = TrackingConfig(track_every=3, projection=projection, probes_per_category=per_category)
+    times: dict[str, list[float]] = {"plain": [], "stored": [], "tracked": []}
     with tempfile.TemporaryDirectory(prefix="ntkdyn-bench-") as out:
         tracker = build_tracker(adapter, adapter.world, out, settings, records)
+        store = GradientStore(model, out, ProjectionConfig(kind="kronecker", k=store_k))
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         split = tracker.attribute(opt, model.named_parameters(), tuple(loss_fns))
-        plain, tracked = [], []
         model.train()
         for step in tqdm(range(1, steps + 1), desc=f"{kind} k={k} probes/cat={per_category}", leave=False):
+            kind_of_step = ("tracked", "stored", "plain")[step % 3]
+            hooks = {"tracked": [tracker], "stored": [store], "plain": []}[kind_of_step]
             batch = dpo_batch(adapter, reference, batch_size, step, cfg, anchor)
             start = time.process_time()
-            tracker.before_step(step, model, loss_fns, batch)
+            for hook in hooks:
+                hook.before_step(step, model, loss_fns, batch)
             opt.zero_grad(set_to_none=True)
-            for source, fn in loss_fns.items():
-                with split.source(source):
-                    fn(model, batch).mean().backward()
+            for source, fn in loss_fns.items():  # the trainer's step (trainer/loop.py Trainer.backward)
+                with contextlib.ExitStack() as stack:
+                    stack.enter_context(split.source(source))
+                    watchers = [stack.enter_context(h.recording(step, source, fn, batch)) for h in hooks]
+                    losses = fn(model, batch)
+                    for watch in filter(None, watchers):
+                        watch(losses)
+                    losses.mean().backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            tracker.after_step(step, model, cfg.lr)
-            if step > 2:  # steps 1-2 warm up (first AdamW step, first projection factors)
-                (tracked if tracker.is_tracked(step) else plain).append(time.process_time() - start)
+            for hook in hooks:
+                hook.after_step(step, model, cfg.lr)
+            if step > 3:  # steps 1-3 warm up (first AdamW step, projection factors, the calibrations)
+                times[kind_of_step].append(time.process_time() - start)
         summary = summarize_dynamics(read_jsonl(RunDir(out).dynamics))
+        stored_rows = sum(1 for _ in RunDir(out).gradient_files())
     return {
         "kind": kind,
         "k": k,
         "probes": sum(len(g.batch["prompts"]) for g in tracker.probes),
         "D": tracker.projector.feature_dim,
-        "plain_s": statistics.median(plain),
-        "tracked_s": statistics.median(tracked),
+        "store_D": store.projector.feature_dim,
+        "store_files": stored_rows,
+        **{f"{name}_s": statistics.median(values) for name, values in times.items()},
         **{
             f"{b}_{name}": (summary[b] if name == "exact" else summary[b].get(name, {})).get(
                 "pearson", float("nan")
@@ -183,8 +208,12 @@ def main() -> None:
     parser.add_argument("--exact", action="store_true", help="also run kind='exact' (no projection)")
     parser.add_argument("--probes", type=int, nargs="+", default=[2, 8], help="probe pairs per category")
     parser.add_argument(
-        "--steps", type=int, default=6, help="steps per configuration (half tracked; the first two untimed)"
+        "--steps",
+        type=int,
+        default=15,
+        help="steps per configuration (cycling stored, plain, tracked; the first three untimed)",
     )
+    parser.add_argument("--store-k", type=int, default=16, help="k of the gradient store's projection")
     parser.add_argument("--batch", type=int, default=32, help="DPO pairs per step")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU time = compute)")
     parser.add_argument(
@@ -201,16 +230,19 @@ def main() -> None:
     if args.exact:
         configs += [("exact", None, p) for p in args.probes]
     header = (
-        "| kind | k | probes | D | plain step (CPU s) | tracked step (CPU s) | overhead "
+        "| kind | k | probes | D | plain step (CPU s) | store k | store D | stored step (CPU s) "
+        "| store overhead | tracked step (CPU s) | tracked / plain "
         "| gen r exact | gen r features | gen r kernel~current | gen r sgd~current "
         "| und r exact | und r features | und r kernel~current | und r sgd~current |"
     )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for kind, k, p in configs:
-        r = run(args.model_dir, kind, k, p, args.steps, args.batch)
+        r = run(args.model_dir, kind, k, p, args.steps, args.batch, args.store_k)
         print(
-            f"| {r['kind']} | {r['k'] or '-'} | {r['probes']} | {r['D']} | {r['plain_s']:.2f} | "
+            f"| {r['kind']} | {r['k'] or '-'} | {r['probes']} | {r['D']} | {r['plain_s']:.3f} | "
+            f"{args.store_k} | {r['store_D']} | {r['stored_s']:.3f} | "
+            f"{100 * (r['stored_s'] / r['plain_s'] - 1):+.0f}% | "
             f"{r['tracked_s']:.2f} | {r['tracked_s'] / r['plain_s']:.1f}x | "
             + " | ".join(
                 f"{r[f'{b}_{name}']:.3f}"

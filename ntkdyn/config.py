@@ -88,9 +88,19 @@ class TrackingConfig:
     probes_per_category: int = field(default=8, metadata={"help": "probe pairs per category"})
     probe_seed: int = field(default=0, metadata={"help": "seed of the probe choice"})
     top_contributors: int = field(default=3, metadata={"help": "training samples listed per probe and step"})
+    store_k: int = field(
+        default=0,
+        metadata={
+            "help": "gradient store: every training sample's projected gradient (kronecker, k x k per "
+            "weight matrix) from the training step's own backward, every --store-every steps, into "
+            "gradients/ (0: off)"
+        },
+    )
+    store_every: int = field(default=1, metadata={"help": "steps between gradient store files"})
 
     def __post_init__(self) -> None:
-        for name in ("track_every", "probes_per_category"):
+        _check(self.store_k >= 0, "store_k", f"must be >= 0 (0: off), got {self.store_k}")
+        for name in ("track_every", "probes_per_category", "store_every"):
             _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _check(self.top_contributors >= 0, "top_contributors", f"must be >= 0, got {self.top_contributors}")
         _check(

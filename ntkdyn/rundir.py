@@ -17,6 +17,7 @@ Layout of a run directory (``RunDir``; ARCHITECTURE.md describes each file)::
     ntk.jsonl                     KernelRow of kernel scalars per tracked step }
     selection.jsonl               SelectionRow per label-free selection point }
     kernels/step_SSSSSS.safetensors   eNTK blocks of a tracked step (kernel_key names)
+    gradients/step_SSSSSS.safetensors every training sample's projected gradient at a step (--store-k)
     selection/step_SSSSSS.safetensors trained weights of a selection point, while it can be selected
     checkpoint.safetensors        model, optimizer, RNGs, position (ntkdyn.state_file: no pickle)
     summary.json                  before/after/delta, dynamics statistics, mean kernel scalars
@@ -110,6 +111,10 @@ class RunDir:
         return self.root / "selection"
 
     @property
+    def gradients(self) -> Path:
+        return self.root / "gradients"
+
+    @property
     def figures(self) -> Path:
         return self.root / "figures"
 
@@ -129,6 +134,14 @@ class RunDir:
         """Every kernel file, in step order."""
         return sorted(self.kernels.glob("step_*.safetensors"), key=kernel_file_step)
 
+    def gradient_file(self, step: int) -> Path:
+        """gradients/step_SSSSSS.safetensors: the training samples' projected gradients at a step."""
+        return self.gradients / KERNEL_FILE.format(step=step)
+
+    def gradient_files(self) -> list[Path]:
+        """Every gradient store file, in step order."""
+        return sorted(self.gradients.glob("step_*.safetensors"), key=kernel_file_step)
+
     def selection_file(self, step: int) -> Path:
         """selection/step_SSSSSS.safetensors: the trained weights of a selection point."""
         return self.selection / KERNEL_FILE.format(step=step)
@@ -147,7 +160,7 @@ class RunDir:
 
 
 def kernel_file_step(path: str | os.PathLike) -> int:
-    """The step of a kernels/ or selection/ step_SSSSSS.safetensors path."""
+    """The step of a kernels/, gradients/ or selection/ step_SSSSSS.safetensors path."""
     stem = Path(path).stem
     prefix, _, digits = stem.partition("_")
     if prefix != "step" or not digits.isdigit():

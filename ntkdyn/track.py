@@ -29,6 +29,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ntkdyn.analysis.gradient_store import GradientStore
+from ntkdyn.analysis.projector import ProjectionConfig
 from ntkdyn.analysis.summary import format_dynamics, mean_kernel_scalars
 from ntkdyn.cli import config_parser, parse_config
 from ntkdyn.co_improvement import co_improvement
@@ -216,10 +218,14 @@ def run(cfg: RunConfig) -> dict:
     eval_prompts = stratified_prompts(world, "eval", cfg.eval.eval_prompts, cfg.train.seed)
     before, pretrained_records = pretrained_evaluation(adapter, world, eval_prompts, cfg, dist)
 
-    hooks = []
+    hooks, tracker = [], None
     if cfg.track:
         records = [r.to_row() for r in pretrained_records]
-        hooks.append(build_tracker(adapter, world, run_dir.root, cfg.tracking, records, dist.is_main))
+        tracker = build_tracker(adapter, world, run_dir.root, cfg.tracking, records, dist.is_main)
+        hooks.append(tracker)
+    if cfg.tracking.store_k:
+        store = ProjectionConfig(kind="kronecker", k=cfg.tracking.store_k, seed=cfg.tracking.projection.seed)
+        hooks.append(GradientStore(adapter.model, run_dir.root, store, cfg.tracking.store_every))
     if cfg.track and cfg.train.objective == "dpo" and dist.is_main:  # rank 0 logs its share of the pairs
         probes = load_probes(run_dir.probes)
         hooks.append(SqueezingLog(adapter, run_dir.root, probes, cfg.tracking.track_every))
@@ -259,8 +265,8 @@ def run(cfg: RunConfig) -> dict:
         summary["selection"] = final["selection"]
     if run_dir.squeezing.exists():
         summary["squeezing"] = squeezing_summary(read_jsonl(run_dir.squeezing))
-    if hooks:
-        summary["dynamics"] = hooks[0].summary()
+    if tracker is not None:
+        summary["dynamics"] = tracker.summary()
         summary["ntk"] = mean_kernel_scalars(read_jsonl(run_dir.ntk))
     if dist.is_main:
         write_json(run_dir.summary, summary)

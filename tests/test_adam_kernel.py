@@ -115,11 +115,16 @@ def _source_fns():
     return {"gen": gen, "und": und}
 
 
-def test_tracker_splits_the_adamw_step_and_its_kernel_matches_explicit_preconditioned_gradients(tmp_path):
+@pytest.mark.parametrize("recorded", [False, True])
+def test_tracker_splits_the_adamw_step_and_its_kernel_matches_explicit_preconditioned_gradients(
+    tmp_path, recorded
+):
     """A hand-written AdamW loop (weight decay, active clipping, two loss sources on disjoint forwards)
     with the tracker's split: at every tracked step the parts sum to predicted, and each source's
     predicted_kernel equals -lr/(1-β1^t)·(1-β1)·c/B Σ_u <∇f(o), D_t ∇l_s(u)> recomputed here from explicit
-    per-sample gradients at θ_before and AdamW's own v_t, and equals that source's current part (jvp)."""
+    per-sample gradients at θ_before and AdamW's own v_t, and equals that source's current part (jvp).
+    ``recorded``: the loop runs each source inside tracker.recording (the trainer's protocol), so that
+    from the second tracked step on the training features come from the step's own backward."""
     model = float64_llama()
     probes = [ProbeGroup("p", sequence_logprob, {"input_ids": _ids(7, n=4)}, measurement="gen")]
     tracker = DynamicsTracker(model, probes, tmp_path, every=2, config=ProjectionConfig(kind="exact"))
@@ -128,14 +133,20 @@ def test_tracker_splits_the_adamw_step_and_its_kernel_matches_explicit_precondit
     split = tracker.attribute(opt, model.named_parameters(), ("gen", "und"))
     sources = _source_fns()
     params = dict(model.named_parameters())
+    recordings = []  # full recordings: one per probe group and, unless captured, per training source
+    full = tracker.projector.per_sample_all
+    tracker.projector.per_sample_all = lambda fn, *a, **k: recordings.append(fn) or full(fn, *a, **k)
     for step in range(1, 5):
         batch = {"x": _ids(10 + step), "y": _ids(20 + step)}
         tracker.before_step(step, model, sources, batch)
         before = {n: p.detach().clone() for n, p in params.items()}
         opt.zero_grad()
         for name, fn in sources.items():
-            with split.source(name):
-                fn(model, batch).mean().backward()
+            with split.source(name), tracker.recording(step, name, fn, batch) as watch:
+                losses = fn(model, batch)
+                if recorded and watch is not None:
+                    watch(losses)
+                losses.mean().backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         assert norm > max_norm  # the clip is active
         opt.step()
@@ -194,6 +205,8 @@ def test_tracker_splits_the_adamw_step_and_its_kernel_matches_explicit_precondit
             assert row["predicted_kernel"] == pytest.approx(row["predicted_current"], abs=tol)
             top = row["top_train"]
             assert len(top) == 3 and all(s in sources for s, _, _ in top)
+    # step 2 records the sources in full (and calibrates the capture), step 4 captures them if recorded
+    assert len(recordings) == (4 if recorded else 6)
     from safetensors.torch import load_file
 
     from ntkdyn.plot import adam_kernel, attribution

@@ -60,10 +60,11 @@ all read the state before_step captured; splitting them would pass that state ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +75,7 @@ from ntkdyn.analysis.distributed import all_gather_rows, rank_and_world, unwrap
 from ntkdyn.analysis.measuring import measuring, parameters_at
 from ntkdyn.analysis.probes import TRAIN, Fn, ProbeGroup
 from ntkdyn.analysis.projector import GradientProjector, ProjectionConfig
+from ntkdyn.analysis.projector.step_capture import StepCapture
 from ntkdyn.analysis.statistics import (
     alignment_permutation_null,
     cosine_normalise,
@@ -112,7 +114,8 @@ class _Pending:
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # group name -> φ [B_g, D] at θ_before
     train_features: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # source -> [B_u, D] each
     train_batches: dict[str, list[tuple[Fn, dict]]] = field(default_factory=dict)  # source -> (loss, batch)
-    train_ids: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # source -> sample ids [B_u] each
+    recorded: dict[str, list[tuple[Fn, dict, StepCapture]]] = field(default_factory=dict)  # by recording()
+    train_ids: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # source -> local ids [B_u] each
     lr: float = math.nan
 
 
@@ -225,8 +228,25 @@ class DynamicsTracker:
             pending.train_batches.setdefault(source, []).append((fn, batch))
             ids = batch.get(f"{SAMPLE_IDS}/{source}")
             if ids is not None:
-                ids = all_gather_rows(torch.as_tensor(ids).reshape(-1, 1).double())[:, 0].long()
-                pending.train_ids.setdefault(source, []).append(ids.cpu())
+                pending.train_ids.setdefault(source, []).append(torch.as_tensor(ids).reshape(-1).cpu())
+
+    @contextlib.contextmanager
+    def recording(self, step: int, source: str, fn: Fn, batch: dict) -> Iterator[Callable | None]:
+        """Around one forward and backward of a loss source's per-sample loss ``fn`` on ``batch`` (a
+        micro-batch) inside the training step, after before_step: at a tracked step it yields ``watch``,
+        to be called with the per-sample losses [B] before the backward, so that this source's training
+        features come from the step's own forward and backward (GradientProjector.capture; the first
+        tracked step, or a capture that cannot give them, takes a full recording of fn on batch at
+        θ_before instead); else None. The source's training samples are then the recorded micro-batches,
+        in order (before_step's batch for that source is not recorded again)."""
+        pending = self._pending
+        if pending is None or pending.step != step:
+            yield None
+            return
+        capture = self.projector.capture()
+        with capture:
+            yield capture.watch
+        pending.recorded.setdefault(source, []).append((fn, batch, capture))
 
     def after_step(self, step: int, model: nn.Module, lr: float) -> list[ProbeRow]:
         """Compute predictions and observations for the step captured by before_step, write them
@@ -234,8 +254,9 @@ class DynamicsTracker:
         A step that was not tracked returns [].
 
         At θ_before, one recording per probe group (GradientProjector.per_sample_all) gives f_before, the
-        features and the exact first order along Δθ and along every part of the split step at once, and
-        one per training batch its features and, with a split step, its preconditioned features."""
+        features and the exact first order along Δθ and along every part of the split step at once; the
+        training samples' features and, with a split step, their preconditioned features come from the
+        step's own backward where ``recording`` captured it, else from one recording per training batch."""
         pending = self._pending
         if pending is None or pending.step != step:
             return []
@@ -251,20 +272,16 @@ class DynamicsTracker:
             f_before: dict[str, torch.Tensor] = {}
             preconditioned: dict[str, list[torch.Tensor]] = {}
             with parameters_at(self.model, pending.before):
+                tangents = [delta, *parts.values()]  # one list: its stacks are formed once for every group
                 for g in self.probes:
-                    measured = self.projector.per_sample_all(g.fn, g.batch, tangents=[delta, *parts.values()])
+                    measured = self.projector.per_sample_all(g.fn, g.batch, tangents=tangents)
                     pending.features[g.name] = measured.features
                     f_before[g.name], dots[g.name] = measured.values, measured.dots
-                for source, batches in pending.train_batches.items():
-                    for fn, batch in batches:
-                        measured = self.projector.per_sample_all(fn, batch, precondition)
-                        pending.train_features.setdefault(source, []).append(
-                            all_gather_rows(measured.features)
-                        )
-                        if precondition is not None:
-                            preconditioned.setdefault(source, []).append(
-                                all_gather_rows(measured.preconditioned)
-                            )
+                for source in dict.fromkeys([*pending.train_batches, *pending.recorded]):
+                    features, conditioned = self._train_features(pending, source, precondition)
+                    pending.train_features[source] = [features]
+                    if precondition is not None:
+                        preconditioned[source] = [conditioned]
             values: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
             for g in self.probes:
                 with torch.no_grad():
@@ -278,6 +295,23 @@ class DynamicsTracker:
         if self.rank == 0:
             self._write(rows, kernel_row, tensors, step)
         return rows
+
+    def _train_features(
+        self, pending: _Pending, source: str, precondition: dict[str, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A source's training features [B_u, D] and, with ``precondition``, its preconditioned ones, over
+        every rank (rank order): from the step's own backward where recording() captured it, else from a
+        full recording at θ_before (the caller sets the parameters back)."""
+        entries = pending.recorded.get(source) or [(fn, b, None) for fn, b in pending.train_batches[source]]
+        plain, conditioned = [], []
+        for fn, batch, capture in entries:
+            measured = None if capture is None else capture.features(precondition)
+            if measured is None:
+                measured = self.projector.per_sample_all(fn, batch, precondition)
+            plain.append(measured.features)
+            conditioned.append(measured.preconditioned)
+        gathered = all_gather_rows(torch.cat(plain))
+        return gathered, None if precondition is None else all_gather_rows(torch.cat(conditioned))
 
     def summary(self) -> dict:
         """summarize_dynamics of every probe row written so far (the whole run, across resumes)."""
@@ -333,7 +367,7 @@ class DynamicsTracker:
         reference) / (√v̂_t + ε), the step's own; (None, 0.0) when the step was not split, had no training
         batch or no current part."""
         parts = None if self.attribution is None else self.attribution.last_parts
-        if parts is None or not pending.train_batches:
+        if parts is None or not (pending.train_batches or pending.recorded):
             return None, 0.0
         tracked = self.projector.tracked_parameters()
         scales = {n: parts.coefficients[n].current_scale for n in tracked if n in parts.coefficients}
@@ -384,7 +418,7 @@ class DynamicsTracker:
         an entry of G. index: group name / train_measurement(source) / "delta" -> rows of F."""
         train = {train_measurement(s): _rows(x) for s, x in pending.train_features.items()}
         parts = [pending.features[g.name] for g in self.probes] + list(train.values()) + [p_delta[None]]
-        gram = _cross(torch.cat(parts))
+        gram = _gram_of(parts)
         index: dict[str, torch.Tensor] = {}
         start = 0
         for name, n in [(g.name, pending.features[g.name].shape[0]) for g in self.probes] + [
@@ -404,7 +438,7 @@ class DynamicsTracker:
         split: _Split | None,
     ) -> list[ProbeRow]:
         train = {s: index[train_measurement(s)] for s in pending.train_features}
-        ids = {s: torch.cat(x).tolist() for s, x in pending.train_ids.items()}
+        ids = {s: _gathered_ids(x) for s, x in pending.train_ids.items()}
         rows: list[ProbeRow] = []
         for g in self.probes:
             own = index[g.name]
@@ -581,6 +615,11 @@ def _loss_sources(loss_fn: Fn | Mapping[str, Fn] | None) -> dict[str, Fn]:
     return sources
 
 
+def _gathered_ids(local: list[torch.Tensor]) -> list[int]:
+    """A source's sample ids over every rank, in the rank order of the gathered features."""
+    return all_gather_rows(torch.cat(local).reshape(-1, 1).double())[:, 0].long().tolist()
+
+
 def _rows(pieces: list[torch.Tensor]) -> torch.Tensor:
     """The pieces (micro-batches) stacked by rows; the one piece itself, not a copy, when there is one."""
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
@@ -602,12 +641,25 @@ def _cross(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     return out
 
 
+def _gram_of(parts: list[torch.Tensor]) -> torch.Tensor:
+    """F F^T for F = the parts stacked by rows (float64, CPU, as _cross), block by block without
+    stacking them, each block above the diagonal computed once."""
+    sizes = [p.shape[0] for p in parts]
+    gram = torch.zeros(sum(sizes), sum(sizes), dtype=torch.float64)
+    starts = [sum(sizes[:i]) for i in range(len(parts))]
+    for i, a in enumerate(parts):
+        for j in range(i, len(parts)):
+            block = _cross(a, parts[j])
+            rows, cols = slice(starts[i], starts[i] + sizes[i]), slice(starts[j], starts[j] + sizes[j])
+            gram[rows, cols] = block
+            gram[cols, rows] = block.T
+    return gram
+
+
 def _per_block(features: torch.Tensor, summed: torch.Tensor, slices: dict[str, slice]) -> torch.Tensor:
-    """[S, B, P]: <φ_b, summed_s> restricted to each tracked parameter's columns (float64, CPU), for
-    features [B, D] and summed [S, D] (the features are read once for all S)."""
-    return torch.stack(
-        [(summed[:, sl].double() @ features[:, sl].double().T).cpu() for sl in slices.values()], dim=2
-    )
+    """[S, B, P]: <φ_b, summed_s> restricted to each tracked parameter's columns (float64, CPU, as
+    _cross), for features [B, D] and summed [S, D] (the features are read once for all S)."""
+    return torch.stack([_cross(summed[:, sl], features[:, sl]) for sl in slices.values()], dim=2)
 
 
 def _top(

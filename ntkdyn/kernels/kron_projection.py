@@ -29,17 +29,16 @@ def kron_projection_reference(
     """out[b] = sum_t m[b,t] (px^T x[b,t]) (py^T y[b,t])^T, in float32 (float64 if x or y is float64).
 
     x: [B, T, DX], y: [B, T, DY] (fp64/fp32/bf16/fp16); px: [DX, KX] or None (identity); py: [DY, KY] or
-    None; mask: bool [B, T] or None (all tokens). Masked tokens are zeroed with ``where`` (a NaN there
-    never leaks). Returns [B, KX, KY].
+    None; mask: bool [B, T] or None (all tokens). Masked tokens are zeroed with ``where`` after the
+    projection, which maps each token's row on its own (a NaN there never leaks). Returns [B, KX, KY].
     """
     dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
-    xf, yf = x.to(dtype), y.to(dtype)
+    xp = x.to(dtype) if px is None else x.to(dtype) @ px.to(dtype)
+    yp = y.to(dtype) if py is None else y.to(dtype) @ py.to(dtype)
     if mask is not None and not bool(mask.all()):
         keep = mask.bool().unsqueeze(-1)
-        xf = torch.where(keep, xf, 0.0)
-        yf = torch.where(keep, yf, 0.0)
-    xp = xf if px is None else xf @ px.to(dtype)
-    yp = yf if py is None else yf @ py.to(dtype)
+        xp = torch.where(keep, xp, 0.0)
+        yp = torch.where(keep, yp, 0.0)
     return torch.bmm(xp.transpose(1, 2), yp)
 
 

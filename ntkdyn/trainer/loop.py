@@ -19,6 +19,12 @@ warm-up over warmup_steps, then cosine / linear decay to 0 or constant.
 Hooks (the learning-dynamics tracker) are objects with
     before_step(step, model, loss_fns, batch)  before any forward/backward of the step
     after_step(step, model, lr)                right after optimizer.step()
+and optionally
+    recording(step, source, fn, micro_batch)  a context manager around each source's forward and backward
+                                               of each micro-batch; it yields None or ``watch``, called
+                                               with the per-sample losses [B] before the backward (the
+                                               tracker's and the gradient store's features come from the
+                                               step's own backward: GradientProjector.capture)
 and optionally ``attribute(optimizer, named_parameters, sources, average_over=...)``: the first hook that
 has it gets the optimizer once and returns a ntkdyn.analysis.attribution.SourceAttribution, which splits
 every step by loss source (the trainer runs each source's backward in its context).
@@ -297,7 +303,7 @@ class Trainer:
         local = to_device(slice_batch(batch, dist.rank * share, (dist.rank + 1) * share), dist.device)
         for h in self.hooks:
             h.before_step(step, self.model, self.loss_fns, local)
-        sums = self.backward(local, share)
+        sums = self.backward(local, share, step)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.params, tc.grad_clip if tc.grad_clip else float("inf")
         )
@@ -319,18 +325,28 @@ class Trainer:
             row["rewards/margin"] = row["rewards/chosen"] - row["rewards/rejected"]
         return row
 
-    def backward(self, local: dict, share: int) -> dict[str, torch.Tensor]:
+    def backward(self, local: dict, share: int, step: int) -> dict[str, torch.Tensor]:
         """Gradients of this rank's share of the step's loss, micro-batch by micro-batch and one backward
         per loss source (their forwards are disjoint; with a hook's attribution each backward runs in its
-        source's context). DDP: every backward without sync (its reducer takes one backward per
-        forward), then one all-reduce of the gradients. Returns each loss term summed over the share."""
+        source's context, inside every hook's ``recording``, which may watch the per-sample losses).
+        DDP: every backward without sync (its reducer takes one backward per forward), then one
+        all-reduce of the gradients. Returns each loss term summed over the share."""
         sums: dict[str, torch.Tensor] = {}
+        recorders = [h for h in self.hooks if hasattr(h, "recording")]
         for s in range(0, share, self.cfg.micro_batch_size):
             micro = slice_batch(local, s, s + self.cfg.micro_batch_size)
             with self.ddp.no_sync() if self.dist.enabled else contextlib.nullcontext():
                 for source, terms_fn in self.source_terms.items():
-                    with self.attribution.source(source) if self.attribution else contextlib.nullcontext():
+                    with contextlib.ExitStack() as stack:
+                        if self.attribution:
+                            stack.enter_context(self.attribution.source(source))
+                        fn = self.loss_fns[source]
+                        watchers = [
+                            stack.enter_context(h.recording(step, source, fn, micro)) for h in recorders
+                        ]
                         terms = terms_fn(self.ddp, micro)
+                        for watch in filter(None, watchers):
+                            watch(terms[f"loss/{source}"])
                         (terms[f"loss/{source}"].sum() / share).backward()
                     for name, value in {**terms, "loss": terms[f"loss/{source}"]}.items():
                         sums[name] = sums.get(name, 0.0) + value.detach().float().sum()

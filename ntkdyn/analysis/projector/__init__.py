@@ -13,7 +13,8 @@ f_b along each t_k; sketches.TangentDots), the views the tracker needs at a trac
 How, for one call:
   1. capture.py   ONE forward of fn, recording every torch function call that uses a tracked
                   parameter (a TorchFunctionMode) and the stack of module calls (hooks). A call whose
-                  function has a rule (rules.py: F.linear, torch.addmm, F.embedding, conv1d/2d) with the
+                  function has a rule (rules.py: F.linear, torch.addmm, F.embedding, conv1d/2d, a 1-D
+                  parameter scaling the last axis as RMSNorm's weight does) with the
                   parameter in a parameter role keeps its input and output; any other use goes to the
                   innermost module call holding the parameter, which is recorded whole. A second forward
                   only where needed: outputs with 1 row broadcast over the batch are expanded to B rows,
@@ -22,7 +23,9 @@ How, for one call:
                   part of an output belongs to sample b alone the second is r_b times the first, so each
                   output's sample axis (batch- or sequence-first, flattened [B*T, H] rows, one sample) is
                   read from autograd, never guessed from shapes; an output shared by several samples is
-                  refused by name (UnsupportedModuleError).
+                  refused by name (UnsupportedModuleError). A later recording with the same
+                  signature (the same calls, parameters and axes of size B: views.signature) reuses the
+                  layouts: one backward.
   3. rules.py     closed forms from inputs and output-gradients (sum_t g_t a_t^T, ...), fused with the
                   Kronecker projection; generic.py: torch.func per sample on the module call with its
                   real positional and keyword inputs, verified against one vjp of the whole call, else a
@@ -31,6 +34,10 @@ How, for one call:
                   reentrant checkpointing) are refused by name. The first per_sample call with each fn also
                   runs ``check``: sum_b w_b Phi_b must equal the projection of the full-batch gradient of
                   sum_b w_b f_b for random w (one more forward and backward; SelfCheckError otherwise).
+
+``capture()`` (step_capture.py) gives the features from the caller's own forward and backward instead:
+the training step's, with no second pass over the batch, once a full recording of the same structure has
+read the layouts (the tracker's training features, the gradient store).
 
 A parameter used in several places (tied embeddings, a layer reused over time) is one block summing
 every use. Train-mode dropout and batch statistics are refused (call model.eval()). Padding: tokens

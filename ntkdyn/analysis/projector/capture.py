@@ -56,6 +56,7 @@ class Recorded:
     leaves: list[torch.Tensor]
     params: dict[str, str]
     versions: list[tuple[torch.Tensor, int]]
+    holder: int = 0  # id of the module whose call must be recorded to see this item (scoped recording)
 
 
 @dataclass(kw_only=True)
@@ -148,7 +149,12 @@ def _expand_rows(x: Any, B: int) -> Any:
 
 class Recorder(TorchFunctionMode):
     """Records one run of fn (see the module docstring). names: id(parameter) -> tracked name;
-    containers: id(parameter) -> ids of the modules whose subtree holds it."""
+    containers: id(parameter) -> ids of the modules whose subtree holds it.
+
+    scope: None (every torch function call of the run is seen) or the ids of the modules (the
+    ``holder`` of every item of an earlier full recording) inside whose calls alone the mode is active
+    and whose calls alone form the stack: the same items, from far fewer intercepted calls (a
+    StepCapture of a structure calibrated before)."""
 
     def __init__(
         self,
@@ -156,9 +162,11 @@ class Recorder(TorchFunctionMode):
         names: dict[int, str],
         containers: dict[int, set[int]],
         rewrite: Rewrite,
+        scope: set[int] | None = None,
     ):
         super().__init__()
         self.model, self.names, self.containers, self.rewrite = model, names, containers, rewrite
+        self.scope = scope
         self.module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
         self.stack: list[Frame] = []
         self.items: list[Recorded] = []
@@ -171,24 +179,34 @@ class Recorder(TorchFunctionMode):
     # ------------------------------------------------------------------ hooks: the call stack
     def __enter__(self):
         for module in self.model.modules():
+            if self.scope is not None and id(module) not in self.scope:
+                continue
             self._handles.append(module.register_forward_pre_hook(self._push, prepend=True))
             self._handles.append(
                 module.register_forward_hook(self._pop, prepend=True, with_kwargs=True, always_call=True)
             )
-        return super().__enter__()
+        return super().__enter__() if self.scope is None else self
 
     def __exit__(self, *exc):
         try:
-            return super().__exit__(*exc)
+            if self.scope is None:
+                return super().__exit__(*exc)
+            if self.stack:  # a scoped call that raised before its forward hook ran
+                super().__exit__(*exc)
+            return None
         finally:
             for handle in self._handles:
                 handle.remove()
 
     def _push(self, module: nn.Module, args: tuple) -> None:
+        if self.scope is not None and not self.stack:
+            super().__enter__()
         self.stack.append(Frame(next(self._uids), self.module_names.get(id(module), "?"), module))
 
     def _pop(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         frame = self.stack.pop()
+        if self.scope is not None and not self.stack:
+            super().__exit__(None, None, None)
         if not frame.theta:
             return None
         tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
@@ -220,6 +238,7 @@ class Recorder(TorchFunctionMode):
                 leaves,
                 dict(frame.theta),
                 [(x, x._version) for x in leaves + inputs],
+                id(module),
                 uid=frame.uid,
                 module=module,
                 args=args,
@@ -295,16 +314,22 @@ class Recorder(TorchFunctionMode):
             out = _expand_rows(out, self.rewrite.B)
             inputs = {k: _expand_rows(v, self.rewrite.B) for k, v in inputs.items()}
         copy = index in self.rewrite.copy
-        inputs = _snapshot(inputs, copy)
+        inputs = {
+            k: (v.detach().clone() if copy else v.detach()) if isinstance(v, torch.Tensor) else v
+            for k, v in inputs.items()
+        }
         tensors = [out] + [v for v in inputs.values() if isinstance(v, torch.Tensor)]
+        frame = self._containing_frame(param)
+        where = describe(frame.name, frame.module) if frame is not None else "fn"
         self.items.append(
             FunctionUse(
                 index,
-                f"{rule.name} in {self._where(param)}",
+                f"{rule.name} in {where}",
                 tuple(f.uid for f in self.stack),
                 [out],
                 params,
                 [(x, x._version) for x in tensors],
+                0 if frame is None else id(frame.module),
                 rule=rule,
                 bound=inputs,
             )
@@ -357,3 +382,8 @@ def subsume(items: list[Recorded]) -> list[Recorded]:
         inside = set(item.ancestors)
         item.params = {k: n for k, n in item.params.items() if not (generic.get(n, set()) & inside)}
     return [item for item in items if item.params]
+
+
+def modified(item: Recorded) -> bool:
+    """Whether a tensor the item recorded was modified in place after the call."""
+    return any(tensor._version != version for tensor, version in item.versions)

@@ -15,13 +15,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from ntkdyn.analysis.projector.capture import FunctionUse, Recorded, Rewrite, Run, record, subsume
+from ntkdyn.analysis.projector.capture import Recorded, Rewrite, Run, modified, record, subsume
 from ntkdyn.analysis.projector.checks import block_errors, invisible_uses, shared_output_error
 from ntkdyn.analysis.projector.config import ProjectionConfig, owners, select_parameters
 from ntkdyn.analysis.projector.errors import SelfCheckError, UnsupportedModuleError
-from ntkdyn.analysis.projector.generic import generic_blocks, generic_per_sample
-from ntkdyn.analysis.projector.layout import find_layout, sample_codes, tolerance
+from ntkdyn.analysis.projector.layout import Layout, find_layout, sample_codes, tolerance
 from ntkdyn.analysis.projector.sketches import Sketch, TangentDots
+from ntkdyn.analysis.projector.step_capture import StepCapture
+from ntkdyn.analysis.projector.views import (
+    OutputGradients,
+    View,
+    merged_layouts,
+    nonzero_gradients,
+    signature,
+    view_blocks,
+    with_layouts,
+)
 from ntkdyn.kernels.kron_projection import triton_available
 
 Fn = Callable[[nn.Module, Any], torch.Tensor]
@@ -77,6 +86,9 @@ class GradientProjector:
         self._compiled = [name for name, m in model.named_modules() if _is_compiled(m)]
         self._sketch = Sketch(self.config, self._params)
         self._checked: list[Fn] = []  # the fns whose first per_sample call passed the self-check
+        self._layouts: dict[tuple, list[list[Layout | None]]] = {}  # signature -> layout per item, per leaf
+        self._scope: set[int] = set()  # ids of the modules holding the items of those recordings
+        self._dots: tuple[Sequence, TangentDots] | None = None  # the last tangents list and its view
 
     def _check_implementation(self) -> None:
         if self.config.implementation != "triton":
@@ -159,8 +171,8 @@ class GradientProjector:
         if precondition is None:
             return self.per_sample_all(fn, batch).features
         views = [(self._sketch, self._by_tracked_name(precondition, "precondition"))]
-        (blocks,), values = self._blocks(fn, batch, views)
-        return self._sketch.finish(blocks, values.shape[0], values.device)
+        accs, values = self._blocks(fn, batch, views)
+        return self._finish(views, accs, values.shape[0], values.device)[0]
 
     def per_sample_all(
         self,
@@ -175,25 +187,26 @@ class GradientProjector:
         precondition)), and with ``tangents`` (K updates, each name -> tensor shaped like the parameter for
         every tracked parameter, as project_update's delta) also dots [B, K] float64: the exact
         <grad fn[b], t_k>, the first-order change of fn[b] along t_k (what forward-mode AD along t_k gives,
-        to float rounding; sketches.TangentDots), for all K at once."""
-        views: list[tuple[Any, dict[str, torch.Tensor] | None]] = [(self._sketch, None)]
-        if precondition is not None:
-            views.append((self._sketch, self._by_tracked_name(precondition, "precondition")))
-        if tangents:
-            named = [self._by_tracked_name(t, f"tangents[{i}]") for i, t in enumerate(tangents)]
-            views.append((TangentDots(self._sketch.blocks, named), None))
+        to float rounding; sketches.TangentDots), for all K at once. Calls with the same ``tangents``
+        list object read its tensors once (pass a new list for new tangents)."""
+        views = self._views(precondition, tangents)
         accs, values = self._blocks(fn, batch, views)
         if self.config.self_check and not any(f is fn for f in self._checked):
             self._compare(fn, batch, accs[0], values)
             self._checked.append(fn)
-        B, device = values.shape[0], values.device
-        finished = [sketch.finish(acc, B, device) for (sketch, _), acc in zip(views, accs, strict=True)]
+        finished = self._finish(views, accs, values.shape[0], values.device)
         return PerSample(
             values=values,
             features=finished[0],
             preconditioned=finished[1] if precondition is not None else None,
             dots=finished[-1] if tangents else None,
         )
+
+    def capture(self, eager: bool = False) -> StepCapture:
+        """A recording of the caller's own forward whose own backward gives the per-sample features (the
+        training step's, no second pass over the batch); ``eager``: the plain projection formed during
+        the backward. See :mod:`ntkdyn.analysis.projector.step_capture`."""
+        return StepCapture(self, eager)
 
     def precondition_errors(self, precondition: dict[str, torch.Tensor]) -> dict[str, float]:
         """Per tracked parameter, ||D - r c^T|| / ||D|| of the factored preconditioner r c^T that the
@@ -207,8 +220,10 @@ class GradientProjector:
         gradient of sum_b w_b fn(model, batch)[b] (one extra forward and backward), per feature block.
         Returns the relative error per tracked parameter; raises SelfCheckError naming every parameter
         whose error exceeds the tolerance of the computation's dtype, or when fn is not deterministic."""
-        (blocks,), values = self._blocks(fn, batch, [(self._sketch, None)])
-        return self._compare(fn, batch, blocks, values)
+        views = [(self._sketch, None)]
+        accs, values = self._blocks(fn, batch, views)
+        self._finish(views, accs, values.shape[0], values.device)
+        return self._compare(fn, batch, accs[0], values)
 
     def project_update(self, delta: dict[str, torch.Tensor]) -> torch.Tensor:
         """The same projection of a parameter-shaped update: Tensor[D] (dtype as per_sample's).
@@ -258,8 +273,27 @@ class GradientProjector:
             )
         return torch.compiler.set_stance("force_eager")
 
+    def _views(
+        self, precondition: dict[str, torch.Tensor] | None, tangents: Sequence[dict[str, torch.Tensor]] = ()
+    ) -> list[View]:
+        """The plain projection, with a precondition the preconditioned one, with tangents their dots."""
+        views: list[View] = [(self._sketch, None)]
+        if precondition is not None:
+            views.append((self._sketch, self._by_tracked_name(precondition, "precondition")))
+        if tangents:
+            if self._dots is None or self._dots[0] is not tangents:  # the same list again: its stacks kept
+                named = [self._by_tracked_name(t, f"tangents[{i}]") for i, t in enumerate(tangents)]
+                self._dots = (tangents, TangentDots(self._sketch.blocks, named))
+            views.append((self._dots[1], None))
+        return views
+
     def _record(self, fn: Fn, batch: Any, rewrite: Rewrite | None = None) -> Run:
         run = record(self.model, fn, batch, self._names, self._containers, rewrite or Rewrite())
+        self._refuse_outside(run)
+        return run
+
+    def _refuse_outside(self, run: Run) -> None:
+        """UnsupportedModuleError for tracked parameters used outside every module call holding them."""
         if run.outside:
             uses = ", ".join(
                 f"{name!r} of {self._modules_of(name)} (by {func})" for name, func in run.outside
@@ -270,110 +304,98 @@ class GradientProjector:
                 "parameter: call the model (or that module) inside fn, or exclude the parameter via "
                 "ProjectionConfig.exclude"
             )
-        return run
 
     def _modules_of(self, name: str) -> str:
         """The modules holding a tracked parameter, for messages."""
         return ", ".join(f"module {o!r}" if o else "the model" for o in self._owner_names[name])
 
-    def _blocks(
-        self, fn: Fn, batch: Any, views: Sequence[tuple[Any, dict[str, torch.Tensor] | None]]
-    ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+    def _blocks(self, fn: Fn, batch: Any, views: Sequence[View]) -> tuple[list[dict], torch.Tensor]:
         """From one recording of fn, per view (a sketch, and a preconditioner by tracked name or None) its
-        per-sample blocks {name: [B, ...]} (absent: zero); and fn's values [B] (detached)."""
+        per-sample blocks {name: [B, ...]} (absent: zero); and fn's values [B] (detached). The sample
+        layouts of a recording whose signature (capture.signature) an earlier one had are reused: one
+        backward instead of two."""
         with torch.enable_grad(), self._eager():
             run = self._record(fn, batch)
             B = run.values.shape[0]
-            run, broadcast_tried = self._rerun(fn, batch, run, B)
+            run, broadcast_tried, rewritten = self._rerun(fn, batch, run, B)
             run.items = subsume(run.items)
-            problems = invisible_uses(run, self._names)
-            if problems:
-                detail = "; ".join(
-                    f"{name!r} of {self._modules_of(name)}: {why}" for name, why in problems.items()
-                )
-                raise UnsupportedModuleError(
-                    f"tracked parameters reach fn's output where the projector cannot see them: {detail}. "
-                    "Exclude them via ProjectionConfig.exclude (with reentrant checkpointing: use "
-                    "use_reentrant=False)"
-                )
-            for item in run.items:
-                if _modified(item):
-                    raise UnsupportedModuleError(
-                        f"{item.where}: a tensor it used or returned was modified in place later inside fn, "
-                        "and re-running fn with a copy of it failed or changed fn's values; per-sample "
-                        "gradients need its value at the time of the call"
-                    )
-            output_gradients = self._output_gradients(run, B, broadcast_tried)
-            generic: dict[int, Any] = {}  # item index -> generic_per_sample (computed once for all views)
-            accs = []
-            for sketch, precondition in views:
-                acc: dict[str, torch.Tensor] = {}
-                with (
-                    contextlib.nullcontext() if precondition is None else sketch.preconditioned(precondition)
-                ):
-                    for item, grads in zip(run.items, output_gradients, strict=True):
-                        for name, samples, block in self._item_blocks(item, grads, B, sketch, generic):
-                            if name not in acc:
-                                acc[name] = torch.zeros(
-                                    B, *block.shape[1:], dtype=block.dtype, device=block.device
-                                )
-                            if block.shape[0] == B:  # samples == arange(B)
-                                acc[name] += block
-                            else:
-                                acc[name].index_add_(0, samples, block)
-                accs.append(acc)
-        # the first view's blocks (the others reuse the same output-gradients and activations)
-        bad = [f"{name} ({self._modules_of(name)})" for name, v in accs[0].items() if not v.isfinite().all()]
-        if bad:
-            raise FloatingPointError(
-                f"non-finite (NaN/Inf) per-sample gradient features for: {'; '.join(bad)}"
-            )
+            self._check_run(run)
+            key = None if rewritten else signature(run.items, B)
+            output_gradients = None
+            if key in self._layouts:
+                output_gradients = self._known_layout_gradients(run, self._layouts[key])
+            if output_gradients is None:
+                output_gradients = self._output_gradients(run, B, broadcast_tried)
+                if key is not None:
+                    found = [[None if e is None else e[1] for e in grads] for grads in output_gradients]
+                    self._layouts[key] = merged_layouts(found, self._layouts.get(key))
+                    self._scope |= {item.holder for item in run.items}
+            accs = view_blocks(run.items, output_gradients, B, views)
         return accs, run.values.detach()
 
-    def _output_gradients(self, run: Run, B: int, broadcast_tried: bool) -> list[list]:
+    def _check_run(self, run: Run) -> None:
+        """Refuse parameters the recorder cannot see and recorded tensors modified in place after use."""
+        problems = invisible_uses(run, self._names)
+        if problems:
+            detail = "; ".join(f"{n!r} of {self._modules_of(n)}: {why}" for n, why in problems.items())
+            raise UnsupportedModuleError(
+                f"tracked parameters reach fn's output where the projector cannot see them: {detail}. "
+                "Exclude them via ProjectionConfig.exclude (with reentrant checkpointing: use "
+                "use_reentrant=False)"
+            )
+        for item in run.items:
+            if modified(item):
+                raise UnsupportedModuleError(
+                    f"{item.where}: a tensor it used or returned was modified in place later inside fn, "
+                    "and re-running fn with a copy of it failed or changed fn's values; per-sample "
+                    "gradients need its value at the time of the call"
+                )
+
+    def _finish(self, views: Sequence[View], accs: list[dict[str, torch.Tensor]], B: int, device) -> list:
+        """Every view's blocks finished to rows ([B, D] or [B, K]); FloatingPointError naming the tracked
+        parameters whose per-sample blocks are not finite."""
+        finished = [sketch.finish(acc, B, device) for (sketch, _), acc in zip(views, accs, strict=True)]
+        # a NaN or Inf anywhere makes the sum non-finite (so may an overflow of the sum: then look closer)
+        if not bool(finished[0].sum().isfinite()) and not bool(finished[0].isfinite().all()):
+            bad = [f"{n} ({self._modules_of(n)})" for n, v in accs[0].items() if not v.isfinite().all()]
+            raise FloatingPointError(
+                "non-finite (NaN/Inf) per-sample gradient features for: " + "; ".join(bad)
+            )
+        return finished
+
+    def _output_gradients(self, run: Run, B: int, broadcast_tried: bool) -> OutputGradients:
         """Per item, per leaf: (g = d sum_b f_b / d leaf, its layout), or None where g is zero."""
         leaves = [leaf for item in run.items for leaf in item.leaves]
         g1 = torch.autograd.grad(run.values.sum(), leaves, retain_graph=B > 1, allow_unused=True)
         codes = sample_codes(B, run.values.dtype, run.values.device)
         gr = torch.autograd.grad((run.values * codes).sum(), leaves, allow_unused=True) if B > 1 else g1
-        out, position, non_finite = [], 0, []
+        g1 = nonzero_gradients(list(g1))
+        out, position = [], 0
         for item in run.items:
             grads = []
             for leaf in item.leaves:
                 g, g_r = g1[position], gr[position]
                 position += 1
-                if g is None or not bool(g.any()):
+                if g is None:
                     grads.append(None)
-                elif not bool(torch.isfinite(g).all()):
-                    non_finite += [f"{name} ({item.where})" for name in item.params.values()]
-                    grads.append(None)
-                else:
-                    layout = find_layout(g, g_r, codes)
-                    if layout is None:
-                        raise shared_output_error(item, leaf, B, broadcast_tried)
-                    grads.append((g, layout))
+                    continue
+                layout = find_layout(g, g_r, codes)
+                if layout is None and not bool(g.isfinite().all()):
+                    raise _non_finite(run.items, g1)
+                if layout is None:
+                    raise shared_output_error(item, leaf, B, broadcast_tried)
+                grads.append((g, layout))
             out.append(grads)
-        if non_finite:
-            raise FloatingPointError(
-                f"non-finite (NaN/Inf) output-gradients, so per-sample features, for: "
-                f"{'; '.join(dict.fromkeys(non_finite))}"
-            )
         return out
 
-    def _item_blocks(self, item: Recorded, grads: list, B: int, sketch: Sketch | TangentDots, generic: dict):
-        """The item's per-sample blocks under ``sketch``; a module call's per-sample gradients are kept in
-        ``generic`` (by item index) for the other views of the same recording."""
-        if isinstance(item, FunctionUse):
-            if grads[0] is not None:
-                g, layout = grads[0]
-                yield from item.rule.blocks(item, g, layout, B, sketch)
-            return
-        if item.index not in generic:
-            generic[item.index] = generic_per_sample(item, grads, B)
-        if generic[item.index] is not None:
-            yield from generic_blocks(generic[item.index], sketch)
+    def _known_layout_gradients(self, run: Run, layouts: list[list[Layout | None]]) -> OutputGradients | None:
+        """One backward (of sum_b f_b) with the layouts an earlier recording of the same signature found;
+        None when a leaf now has a gradient that had none there (no layout known: the caller reads them)."""
+        leaves = [leaf for item in run.items for leaf in item.leaves]
+        g1 = torch.autograd.grad(run.values.sum(), leaves, retain_graph=True, allow_unused=True)
+        return with_layouts(list(g1), layouts)
 
-    def _rerun(self, fn: Fn, batch: Any, run: Run, B: int) -> tuple[Run, bool]:
+    def _rerun(self, fn: Fn, batch: Any, run: Run, B: int) -> tuple[Run, bool, bool]:
         """Run fn again, rewriting two kinds of recorded items (:class:`Rewrite`), when the first run has
         any: outputs with 1 row while fn returned B > 1 values, usually broadcast over the batch (GPT-2's
         position embedding of position_ids [1, T]), which have no per-sample gradient until expanded to
@@ -381,22 +403,22 @@ class GradientProjector:
         are the same. If expanding all the 1-row outputs fails, each is tried alone (one more forward
         each) and those that work are expanded together; with none, the first run stands (e.g. fn ran
         the model once per sample) and the layouts and the version check decide. Returns (the run,
-        whether an expansion was tried)."""
+        whether an expansion was tried, whether the first run had anything to rewrite)."""
         expand = frozenset(
             item.index
             for item in run.items
             if B > 1 and any(x.dim() > 0 and x.shape[0] == 1 for x in item.leaves)
         )
-        copy = frozenset(item.index for item in run.items if _modified(item))
+        copy = frozenset(item.index for item in run.items if modified(item))
         if not expand and not copy:
-            return run, False
+            return run, False, False
         again = self._same_values(fn, batch, run, Rewrite(expand, copy, B))
         if again is None and len(expand) > 1:
             working = frozenset(
                 i for i in expand if self._same_values(fn, batch, run, Rewrite(frozenset({i}), copy, B))
             )
             again = self._same_values(fn, batch, run, Rewrite(working, copy, B))
-        return (run if again is None else again), bool(expand)
+        return (run if again is None else again), bool(expand), True
 
     def _same_values(self, fn: Fn, batch: Any, run: Run, rewrite: Rewrite) -> Run | None:
         """fn run with ``rewrite``, or None if that fails or changes fn's values."""
@@ -447,6 +469,15 @@ class GradientProjector:
         return errors
 
 
-def _modified(item: Recorded) -> bool:
-    """Whether a tensor the item recorded was modified in place after the call."""
-    return any(tensor._version != version for tensor, version in item.versions)
+def _non_finite(items: list[Recorded], grads: list[torch.Tensor | None]) -> FloatingPointError:
+    """The error naming every parameter whose recorded outputs got non-finite gradients."""
+    leaves = [item for item in items for _ in item.leaves]
+    bad = [
+        f"{name} ({item.where})"
+        for item, g in zip(leaves, grads, strict=True)
+        if g is not None and not bool(g.isfinite().all())
+        for name in item.params.values()
+    ]
+    return FloatingPointError(
+        f"non-finite (NaN/Inf) output-gradients, so per-sample features, for: {'; '.join(dict.fromkeys(bad))}"
+    )

@@ -14,6 +14,8 @@ positions the output's layout assigns to b, see layout.py; tokens with g_t = 0 a
                                        (transformers' Conv1D: W stored [d_in, d_out])
   F.embedding(ids, W, padding_idx)     grad W = sum_t e_{id_t} g_t^T, padding_idx tokens dropped
   conv1d / conv2d (groups = 1)         grad W = sum_p g_p unfold(a)_p^T over output positions p
+  x * w, w a 1-D parameter scaling     grad w = sum_t g_t ∘ x_t          (RMSNorm's weight: Llama, Qwen,
+  x's last axis (torch.mul, Tensor.mul, __mul__)                         Mistral)
 Register another rule with :func:`register`.
 """
 
@@ -23,6 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from ntkdyn.analysis.projector.errors import UnsupportedModuleError
@@ -51,6 +54,15 @@ def _tokens(x: torch.Tensor, layout: Layout, B: int, use: FunctionUse, what: str
     return parts.reshape(parts.shape[0], -1, x.shape[-1])
 
 
+def nonzero_tokens(g3: torch.Tensor, sketch: Sketch) -> torch.Tensor | None:
+    """bool [S, n]: the tokens whose output-gradient g3 [S, n, D] is not all zero (NaN counts as nonzero;
+    max and min over D, two reductions, cost far less than comparing every entry); None (every token)
+    where the sketch keeps zero-gradient tokens (Sketch.drop_zero_tokens)."""
+    if not sketch.drop_zero_tokens:
+        return None
+    return (g3.amax(-1) != 0) | (g3.amin(-1) != 0)
+
+
 def _weight_and_bias(
     use: FunctionUse,
     sketch: Sketch,
@@ -61,7 +73,7 @@ def _weight_and_bias(
 ) -> Blocks:
     """The blocks of a weight (sum_t left_t right_t^T, (left, right) = weight_factors, times scales[0]) and
     of a bias (sum_t g_t, times scales[1]) over the tokens with a nonzero output-gradient."""
-    mask = (g3 != 0).any(-1)
+    mask = nonzero_tokens(g3, sketch)
     if "weight" in use.params:
         name = use.params["weight"]
         yield name, samples, _scaled(sketch.tokens(name, *weight_factors, mask), scales[0])
@@ -70,9 +82,9 @@ def _weight_and_bias(
         yield name, samples, _scaled(sketch.tokens(name, g3, torch.ones_like(g3[..., :1]), mask), scales[1])
 
 
-def _scaled(block: torch.Tensor, scale: float) -> torch.Tensor:
-    """block * scale, without a copy for the usual scale 1."""
-    return block if scale == 1 else block * scale
+def _scaled(block: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+    """block * scale, without a copy for the usual scale 1 (None: a name the sketch skips)."""
+    return block if scale == 1 or block is None else block * scale
 
 
 class Rule:
@@ -146,9 +158,10 @@ class EmbeddingRule(Rule):
     def blocks(self, use, g, layout, B, sketch):
         g3 = _tokens(g, layout, B, use)
         ids = layout.split(use.bound["ids"], B).reshape(g3.shape[0], -1)
-        mask = (g3 != 0).any(-1)
+        mask = nonzero_tokens(g3, sketch)
         if use.bound["padding_idx"] is not None:
-            mask = mask & (ids != use.bound["padding_idx"])
+            padding = ids != use.bound["padding_idx"]
+            mask = padding if mask is None else mask & padding
         name = use.params["weight"]
         yield name, layout.samples(B, g.device), sketch.embedding(name, ids, g3, mask)
 
@@ -222,6 +235,34 @@ class ConvRule(Rule):
         return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
 
 
+class ScaleRule(Rule):
+    """x * w with w a 1-D parameter along x's last axis (x has a token axis; the product has x's shape)."""
+
+    name = "elementwise scale"
+    functions = (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)
+
+    def bind(self, args, kwargs):
+        if kwargs or len(args) != 2 or not all(isinstance(a, torch.Tensor) for a in args):
+            return None
+        first, second = args
+        if isinstance(first, nn.Parameter) == isinstance(second, nn.Parameter):
+            return None
+        weight, x = (first, second) if isinstance(first, nn.Parameter) else (second, first)
+        if weight.dim() != 1 or x.dim() < 2 or x.shape[-1] != weight.shape[0]:
+            return None
+        return {"input": x}, {"weight": weight}
+
+    def blocks(self, use, g, layout, B, sketch):
+        g3 = _tokens(g, layout, B, use)
+        x3 = _tokens(use.bound["input"], layout, B, use, "input")
+        dtype = torch.float64 if torch.float64 in (g3.dtype, x3.dtype) else torch.float32
+        products = g3.to(dtype) * x3.to(dtype)
+        mask = nonzero_tokens(g3, sketch)
+        per_sample = (products if mask is None else torch.where(mask.unsqueeze(-1), products, 0.0)).sum(1)
+        name = use.params["weight"]
+        yield name, layout.samples(B, g.device), sketch.project(name, per_sample.unsqueeze(-1))
+
+
 RULES: dict[Callable, Rule] = {}
 
 
@@ -231,5 +272,5 @@ def register(rule: Rule) -> None:
         RULES[function] = rule
 
 
-for _rule in (LinearRule(), AddmmRule(), EmbeddingRule(), ConvRule()):
+for _rule in (LinearRule(), AddmmRule(), EmbeddingRule(), ConvRule(), ScaleRule()):
     register(_rule)

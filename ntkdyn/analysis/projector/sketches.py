@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +110,29 @@ class Sketch:
         self._precondition: dict[str, torch.Tensor] | None = None  # name -> D [d0, d1]
         self._precondition_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.factored_names: set[str] = set()  # blocks that used the factored D in a preconditioned call
+        self.drop_zero_tokens = True  # rules mask tokens with zero output-gradient (keeping_zero_tokens)
+        self._skip: frozenset[str] = frozenset()
+
+    @contextlib.contextmanager
+    def skipping(self, names: Iterable[str]) -> Iterator[None]:
+        """Inside: project, tokens and embedding return None for these names (their blocks come from
+        blocks another view already formed in full: views.from_plain)."""
+        self._skip = frozenset(names)
+        try:
+            yield
+        finally:
+            self._skip = frozenset()
+
+    @contextlib.contextmanager
+    def keeping_zero_tokens(self) -> Iterator[None]:
+        """Inside: rules do not mask tokens with zero output-gradient (they contribute zero; masking only
+        keeps a non-finite activation there out of the features: not needed where the caller's own
+        backward already multiplied every activation by its output-gradient, StepCapture)."""
+        self.drop_zero_tokens = False
+        try:
+            yield
+        finally:
+            self.drop_zero_tokens = True
 
     def fused(self, name: str) -> bool:
         """Whether the block's Kronecker projection is fused with per-token factors (a projected axis)."""
@@ -154,8 +177,10 @@ class Sketch:
                 )
         return self._factors[key]
 
-    def project(self, name: str, grads: torch.Tensor) -> torch.Tensor:
+    def project(self, name: str, grads: torch.Tensor) -> torch.Tensor | None:
         """[S, d0, d1] gradients -> [S, k0, k1] = P0^T G P1 (identity axes kept)."""
+        if name in self._skip:
+            return None
         grads = grads.to(self.dtype)
         if self._precondition is not None:
             grads = grads * self._precondition[name]
@@ -166,8 +191,13 @@ class Sketch:
             grads = grads @ p1
         return grads
 
-    def tokens(self, name: str, left: torch.Tensor, right: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """sum_t m_t (P0^T left_t)(P1^T right_t)^T: left [S, T, d0], right [S, T, d1] -> [S, k0, k1]."""
+    def tokens(
+        self, name: str, left: torch.Tensor, right: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """sum_t m_t (P0^T left_t)(P1^T right_t)^T: left [S, T, d0], right [S, T, d1], mask [S, T] or None
+        (every token) -> [S, k0, k1]."""
+        if name in self._skip:
+            return None
         if name in self._precondition_factors:
             self.factored_names.add(name)
             row, col = self._precondition_factors[name]
@@ -183,10 +213,15 @@ class Sketch:
             self.dtype
         )
 
-    def embedding(self, name: str, ids: torch.Tensor, g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def embedding(
+        self, name: str, ids: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """Embedding weight [V, dim]: sum_t m_t e_{id_t} g_t^T, projected by gathering the rows P0[id_t]
-        (never a [S, V, dim] tensor unless the vocabulary axis is kept exact). ids [S, T], g [S, T, dim]."""
-        gf = torch.where(mask.unsqueeze(-1), g.to(self.dtype), 0.0)
+        (never a [S, V, dim] tensor unless the vocabulary axis is kept exact). ids [S, T], g [S, T, dim],
+        mask [S, T] or None (every token)."""
+        if name in self._skip:
+            return None
+        gf = g.to(self.dtype) if mask is None else torch.where(mask.unsqueeze(-1), g.to(self.dtype), 0.0)
         if self._precondition is not None:  # token t's gradient is row id_t: D's row id_t scales it
             gf = gf * self._precondition[name][ids]
         p0, p1 = self.factor(name, 0, g.device), self.factor(name, 1, g.device)
@@ -201,22 +236,26 @@ class Sketch:
 
     def finish(self, acc: dict[str, torch.Tensor | None], B: int, device: torch.device) -> torch.Tensor:
         """Scale, second stage / dense JL, concatenate: blocks [B, k0, k1] (None = zero) -> [B, D]."""
-        features = torch.zeros(B, self.feature_dim, dtype=self.dtype, device=device)
+        if self.config.kind == "dense":
+            features = torch.zeros(B, self.feature_dim, dtype=self.dtype, device=device)
+            for name in self.blocks:
+                if acc.get(name) is not None:
+                    features += self._dense_jl(name, acc[name].reshape(B, -1))
+            return features
+        pieces = []
         for name, block in self.blocks.items():
             value = acc.get(name)
             if value is None:
+                pieces.append(torch.zeros(B, block.out_size, dtype=self.dtype, device=device))
                 continue
-            flat = value.reshape(B, -1)
+            flat = value.reshape(B, -1).to(self.dtype)
             if self.config.kind == "kronecker":
-                flat = flat * self._kron_scale(block)
+                scale = self._kron_scale(block)
+                flat = flat if scale == 1 else flat * scale
                 if block.out_size < flat.shape[1]:
                     flat = self._second_stage(name, flat, block.out_size)
-                features[:, block.offset : block.offset + block.out_size] = flat
-            elif self.config.kind == "exact":
-                features[:, block.offset : block.offset + block.out_size] = flat
-            else:
-                features += self._dense_jl(name, flat)
-        return features
+            pieces.append(flat)
+        return torch.cat(pieces, dim=1)
 
     def _kron_scale(self, block: Block) -> float:
         """1/sqrt(k) per projected axis, so that E[(P^T x)^T (P^T y)] / k = x^T y."""
@@ -254,28 +293,50 @@ class TangentDots:
     gradient block with K tangents instead of a projection: block [S, K] = <G_s, V_k> (float64), so that
     ``finish`` gives [B, K] = <∇f_b, t_k>, the exact first-order change of f_b along every t_k at once.
 
-    tangents: K dicts {tracked name: tensor shaped like the parameter}; a block's [K, d0, d1] stack is
-    formed (float64) only while that block is computed, so at most one block's is held at a time."""
+    tangents: K dicts {tracked name: tensor shaped like the parameter}; each block's [K, d0, d1] float64
+    stack is formed when first needed and kept (K float64 copies of the tracked parameters at most), so
+    that recordings of several probe groups along the same tangents form them once."""
 
     def __init__(self, blocks: dict[str, Block], tangents: Sequence[dict[str, torch.Tensor]]):
         self.blocks = blocks
         self.dtype = torch.float64
         self._tangents = tangents
         self.K = len(tangents)
+        self.drop_zero_tokens = True  # as Sketch's: rules mask tokens with zero output-gradient
+        self._skip: frozenset[str] = frozenset()
+        self._stacks: dict[str, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def skipping(self, names: Iterable[str]) -> Iterator[None]:
+        """Inside: project, tokens and embedding return None for these names (their dots come from
+        blocks another view already formed in full)."""
+        self._skip = frozenset(names)
+        try:
+            yield
+        finally:
+            self._skip = frozenset()
 
     def _stacked(self, name: str, device: torch.device) -> torch.Tensor:
-        """[K, d0, d1] float64: every tangent's block of the parameter."""
-        shape = self.blocks[name].shape2d
-        return torch.stack([t[name].detach().to(device, self.dtype).reshape(shape) for t in self._tangents])
+        """[K, d0, d1] float64: every tangent's block of the parameter (formed once per parameter)."""
+        if name not in self._stacks:
+            shape = self.blocks[name].shape2d
+            self._stacks[name] = torch.stack(
+                [t[name].detach().to(device, self.dtype).reshape(shape) for t in self._tangents]
+            )
+        return self._stacks[name]
 
-    def project(self, name: str, grads: torch.Tensor) -> torch.Tensor:
+    def project(self, name: str, grads: torch.Tensor) -> torch.Tensor | None:
         """[S, d0, d1] gradients -> [S, K] dots."""
+        if name in self._skip:
+            return None
         v = self._stacked(name, grads.device)
         return grads.reshape(grads.shape[0], -1).to(self.dtype) @ v.reshape(self.K, -1).T
 
     def tokens(self, name: str, left: torch.Tensor, right: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[S, K]: <Σ_t m_t left_t right_t^T, V_k>, by forming each sample's block (when S d0 d1 entries
         fit _FULL_BLOCK_ENTRIES) or else as Σ_t m_t left_t^T V_k right_t tangent by tangent."""
+        if name in self._skip:
+            return None
         d0, d1 = self.blocks[name].shape2d
         if left.shape[0] * d0 * d1 <= _FULL_BLOCK_ENTRIES:
             return self.project(name, kron_projection(left, right, None, None, mask, "torch"))
@@ -287,6 +348,8 @@ class TangentDots:
 
     def embedding(self, name: str, ids: torch.Tensor, g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[S, K]: Σ_t m_t <V_k[id_t], g_t> (ids [S, T], g [S, T, dim])."""
+        if name in self._skip:
+            return None
         gf = torch.where(mask.unsqueeze(-1), g.to(self.dtype), 0.0)
         v = self._stacked(name, g.device)
         return torch.stack([(v[k][ids] * gf).sum((1, 2)) for k in range(self.K)], dim=1)

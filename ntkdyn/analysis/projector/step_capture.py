@@ -1,0 +1,171 @@
+"""Per-sample features from the caller's own forward and backward (the training step's): no second pass.
+
+    capture = projector.capture(eager)
+    with capture:                            # the forward runs under the recorder (capture.py)
+        losses = loss_fn(model, batch)       # Tensor[B], one per sample
+        capture.watch(losses)                # ends the recording; hooks on the recorded outputs
+        (losses.sum() / n).backward()        # the caller's own backward, any weights w_b = dL/dl_b != 0
+    measured = capture.features(precondition)   # PerSample, or None: not available from this capture
+
+The hooks see each recorded output's gradient from the caller's backward, g_w = sum_b w_b dl_b/dX, and
+the weights w (the gradient reaching the losses, which arrives first); on sample b's part of X,
+g_w / w_b = dl_b/dX. ``eager``: each recorded call's blocks of the plain projection are formed in its hook,
+during the backward, and its output-gradient is let go at once (keeping every output-gradient of a step
+until the end costs fresh memory every step); otherwise the output-gradients are kept until
+``features``, which can then also form the preconditioned projection (a preconditioner known only after
+the optimizer step: the tracker). Which
+part of X is sample b's is not read again: the layouts come from an earlier full recording whose
+signature (views.signature: the same calls, parameters and axes of size B) is the same, by the same
+projector (GradientProjector.per_sample/per_sample_all on a batch of the same structure, which reads them
+from autograd and runs the self-check on its first call with each fn). Without one (or where the
+full recording had to rewrite the forward, a weight is zero, or a recorded tensor was modified in place),
+``features`` returns None and the caller takes the full recording. A module call on the generic path is
+recomputed at the parameters' current values: compute the features before the optimizer changes them
+(or with the parameters set back, as the tracker does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import torch
+
+from ntkdyn.analysis.projector.capture import FunctionUse, Recorder, Rewrite, Run, modified, subsume
+from ntkdyn.analysis.projector.layout import Layout
+from ntkdyn.analysis.projector.views import add_item_blocks, from_plain, signature
+
+if TYPE_CHECKING:
+    from ntkdyn.analysis.projector.projector import GradientProjector, PerSample
+
+
+class StepCapture:
+    """One recorded forward of the caller's per-sample losses and the gradients its own backward gave."""
+
+    def __init__(self, projector: GradientProjector, eager: bool = False):
+        self._projector = projector
+        self._eager = eager
+        self._stack = contextlib.ExitStack()
+        self._recorder: Recorder | None = None
+        self._run: Run | None = None
+        self._layouts: list[list[Layout | None]] | None = None
+        self._weights: torch.Tensor | None = None  # dL/dl [B]
+        self._usable = False  # every weight finite and nonzero
+        self._uniform = False  # every weight the same (a mean or sum of the losses)
+        self._scale_at_end = False  # divide the features by the weight, not every output-gradient
+        self._owner: list[tuple[int, int]] = []  # leaf position -> (item position, leaf index)
+        self._grads: dict[int, list[torch.Tensor | None]] = {}  # item position -> its leaves' gradients
+        self._acc: dict[str, torch.Tensor] = {}  # eager: the plain projection's blocks so far
+        self._generic: dict = {}
+        self._failed = False  # a recorded output got a gradient but has no known layout
+
+    def __enter__(self) -> StepCapture:
+        p = self._projector
+        if p._layouts:  # only the modules that held the calibrated recordings' items are watched
+            self._recorder = Recorder(p.model, p._names, p._containers, Rewrite(), scope=set(p._scope))
+            self._stack.enter_context(p._eager())
+            self._stack.enter_context(self._recorder)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def watch(self, values: torch.Tensor) -> None:
+        """End the recording at the per-sample losses ``values`` [B] (before the caller's backward)."""
+        self._stack.close()
+        if not isinstance(values, torch.Tensor) or values.dim() != 1 or not values.requires_grad:
+            raise ValueError(
+                "StepCapture.watch: expected the per-sample losses, a Tensor[B] that requires grad"
+            )
+        recorder = self._recorder
+        if recorder is None or recorder.outside:  # not calibrated, or a use the calibration did not see
+            return
+        items = subsume(recorder.items)
+        if any(modified(item) for item in items):
+            return
+        self._layouts = self._projector._layouts.get(signature(items, values.shape[0]))
+        if self._layouts is None:
+            return
+        self._run = Run(values, items, recorder.no_grad_uses, recorder.outside)
+        # with equal weights, divide by w once: the features when they are smaller than the gradients
+        gradient_entries = sum(leaf.numel() for item in items for leaf in item.leaves)
+        self._scale_at_end = 2 * values.shape[0] * self._projector.feature_dim <= gradient_entries
+        values.register_hook(self._keep_weights)
+        for i, item in enumerate(items):
+            for j, leaf in enumerate(item.leaves):
+                position = len(self._owner)
+                self._owner.append((i, j))
+                leaf.register_hook(lambda g, position=position: self._keep_leaf(position, g))
+
+    def _keep_weights(self, grad: torch.Tensor) -> None:
+        w = grad.detach()
+        self._weights = w
+        self._usable = bool((w != 0).all() & w.isfinite().all())
+        self._uniform = bool((w == w[0]).all())
+
+    def _keep_leaf(self, position: int, g: torch.Tensor) -> None:
+        i, j = self._owner[position]
+        grads = self._grads.setdefault(i, [None] * len(self._run.items[i].leaves))
+        grads[j] = g.detach()
+        if self._eager and self._usable and all(x is not None for x in grads):
+            self._add(i, self._projector._sketch, self._acc)
+
+    def _add(self, i: int, sketch, acc: dict[str, torch.Tensor]) -> None:
+        """Item i's blocks under ``sketch`` into acc, from its leaves' gradients (let go in eager mode)."""
+        grads = self._grads.pop(i) if self._eager else self._grads[i]
+        item, w, B = self._run.items[i], self._weights, self._run.values.shape[0]
+        pairs = []
+        for g, layout in zip(grads, self._layouts[i], strict=True):
+            if g is not None and layout is None and bool(g.any()):
+                self._failed = True
+                return
+            if g is None or layout is None:
+                pairs.append(None)
+            elif self._uniform and self._scale_at_end:
+                pairs.append((g, layout))
+            else:  # dl_b/dX from sum_b w_b dl_b/dX
+                pairs.append((g * (1 / w[0]) if self._uniform else layout.weigh(g, 1 / w), layout))
+        with contextlib.ExitStack() as stack:
+            if not isinstance(item, FunctionUse):  # the generic path recomputes the module call
+                stack.enter_context(torch.enable_grad())
+                stack.enter_context(self._projector._eager())
+            stack.enter_context(sketch.keeping_zero_tokens())
+            add_item_blocks(acc, item, pairs, B, sketch, self._generic)
+
+    def features(self, precondition: dict[str, torch.Tensor] | None = None) -> PerSample | None:
+        """values, features [B, D] and, with ``precondition`` (not in eager mode), preconditioned [B, D],
+        as GradientProjector.per_sample_all gives them; None when this capture cannot give them (module
+        docstring). Tokens with zero output-gradient are not masked (Sketch.keeping_zero_tokens): the
+        caller's own backward multiplied every activation by its output-gradient, so a non-finite one
+        there made the step's gradient non-finite too, and the features' finiteness check names it."""
+        from ntkdyn.analysis.projector.projector import PerSample
+
+        if self._eager and precondition is not None:
+            raise ValueError("StepCapture.features: an eager capture forms the plain projection only")
+        run = self._run
+        if run is None or self._failed or not self._usable:
+            return None
+        p = self._projector
+        views = p._views(precondition)
+        accs = [self._acc] if self._eager else []
+        for view in views[len(accs) :]:
+            with from_plain(view, accs, views) as acc:
+                for i in sorted(self._grads):
+                    self._add(i, view[0], acc)
+            if self._failed:
+                return None
+            accs.append(acc)
+        for i in sorted(self._grads) if self._eager else ():  # items whose every leaf did not get one
+            self._add(i, views[0][0], accs[0])
+        if self._failed:
+            return None
+        B, w = run.values.shape[0], self._weights
+        finished = p._finish(views, accs, B, run.values.device)
+        if self._uniform and self._scale_at_end:  # every block is linear in the output-gradients
+            finished = [rows / w[0].to(rows.dtype) for rows in finished]
+        return PerSample(
+            values=run.values.detach(),
+            features=finished[0],
+            preconditioned=finished[1] if precondition is not None else None,
+            dots=None,
+        )
