@@ -60,6 +60,28 @@ def test_triton_kernel_matches_reference(shape, dtype):
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_feature_axis_splits_and_fused_scales_match_the_reference(shape):
+    """x's feature axis cut into ranges (one program each, summed like token splits) and the per-feature
+    scales of a factored preconditioner applied in the loads: the reference's sum with sx ∘ x, sy ∘ y,
+    itself checked against the float64 token loop on pre-scaled inputs."""
+    x, y, px, py, mask = make_inputs(shape, torch.float32, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    sx, sy = torch.rand(shape[2], generator=gen) + 0.5, torch.rand(shape[3], generator=gen) + 0.5
+    expected = kron_projection_reference(x, y, px, py, mask, sx, sy)
+    looped = token_loop_float64(x * sx, y * sy, px, py, mask)
+    torch.testing.assert_close(expected.double(), looped, rtol=1e-5, atol=1e-3)
+    for dx_splits in (1, 2, 3):
+        out = kron_projection_triton(x, y, px, py, mask, splits=2, dx_splits=dx_splits, block_d=16)
+        torch.testing.assert_close(out, kron_projection_reference(x, y, px, py, mask), rtol=1e-5, atol=1e-3)
+        scaled = kron_projection_triton(
+            x, y, px, py, mask, scale_x=sx, scale_y=sy, dx_splits=dx_splits, block_d=16
+        )
+        torch.testing.assert_close(scaled, expected, rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError, match="give both"):
+        kron_projection_triton(x, y, px, py, mask, scale_x=sx)
+
+
 def test_identity_factors_and_strided_inputs():
     """px/py = None keeps an axis exact; non-contiguous inputs are read through their strides."""
     x, y, _, _, mask = make_inputs((2, 13, 20, 45, 16, 16), torch.float32)
@@ -97,3 +119,25 @@ def test_float64_inputs_stay_float64_on_every_implementation():
         out = kron_projection(x, y, px, py, mask, implementation=implementation)
         assert out.dtype == torch.float64
         torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_projector_preconditioned_features_are_the_same_on_the_triton_kernel():
+    """GradientProjector's preconditioned features with the factored D fused into the kernel's loads
+    (implementation="triton", interpreter) equal the torch path's."""
+    from test_adam_kernel import _ids, _preconditioner
+    from test_dynamics import float64_llama, sequence_logprob
+
+    from ntkdyn import GradientProjector, ProjectionConfig
+
+    model = float64_llama().float()
+    batch = {"input_ids": _ids(1)}
+    d = {n: v.float() for n, v in _preconditioner(model, rank_one=False).items()}
+    features = [
+        GradientProjector(model, ProjectionConfig(k=4, implementation=impl)).per_sample(
+            sequence_logprob, batch, precondition=d
+        )
+        for impl in ("torch", "triton")
+    ]
+    torch.testing.assert_close(
+        features[1], features[0], rtol=1e-5, atol=1e-5 * float(features[0].abs().max())
+    )

@@ -310,8 +310,8 @@ class DynamicsTracker:
                 measured = self.projector.per_sample_all(fn, batch, precondition)
             plain.append(measured.features)
             conditioned.append(measured.preconditioned)
-        gathered = all_gather_rows(torch.cat(plain))
-        return gathered, None if precondition is None else all_gather_rows(torch.cat(conditioned))
+        gathered = all_gather_rows(_rows(plain))
+        return gathered, None if precondition is None else all_gather_rows(_rows(conditioned))
 
     def summary(self) -> dict:
         """summarize_dynamics of every probe row written so far (the whole run, across resumes)."""

@@ -25,16 +25,22 @@ def kron_projection_reference(
     px: torch.Tensor | None,
     py: torch.Tensor | None,
     mask: torch.Tensor | None = None,
+    scale_x: torch.Tensor | None = None,
+    scale_y: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out[b] = sum_t m[b,t] (px^T x[b,t]) (py^T y[b,t])^T, in float32 (float64 if x or y is float64).
+    """out[b] = sum_t m[b,t] (px^T (sx ∘ x[b,t])) (py^T (sy ∘ y[b,t]))^T, in float32 (float64 if x or y
+    is float64).
 
     x: [B, T, DX], y: [B, T, DY] (fp64/fp32/bf16/fp16); px: [DX, KX] or None (identity); py: [DY, KY] or
-    None; mask: bool [B, T] or None (all tokens). Masked tokens are zeroed with ``where`` after the
-    projection, which maps each token's row on its own (a NaN there never leaks). Returns [B, KX, KY].
+    None; mask: bool [B, T] or None (all tokens); scale_x [DX], scale_y [DY]: per-feature scales sx, sy
+    or None (ones). Masked tokens are zeroed with ``where`` after the projection, which maps each
+    token's row on its own (a NaN there never leaks). Returns [B, KX, KY].
     """
     dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
-    xp = x.to(dtype) if px is None else x.to(dtype) @ px.to(dtype)
-    yp = y.to(dtype) if py is None else y.to(dtype) @ py.to(dtype)
+    xf = x.to(dtype) if scale_x is None else x.to(dtype) * scale_x.to(dtype)
+    yf = y.to(dtype) if scale_y is None else y.to(dtype) * scale_y.to(dtype)
+    xp = xf if px is None else xf @ px.to(dtype)
+    yp = yf if py is None else yf @ py.to(dtype)
     if mask is not None and not bool(mask.all()):
         keep = mask.bool().unsqueeze(-1)
         xp = torch.where(keep, xp, 0.0)
@@ -59,8 +65,11 @@ def kron_projection(
     mask: torch.Tensor | None = None,
     implementation: str = "auto",
     sign_factors: bool = False,
+    scale_x: torch.Tensor | None = None,
+    scale_y: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out[b] = sum_t m[b,t] (px^T x[b,t]) (py^T y[b,t])^T, [B, KX, KY] (dtype: see the reference).
+    """out[b] = sum_t m[b,t] (px^T (sx ∘ x[b,t])) (py^T (sy ∘ y[b,t]))^T, [B, KX, KY] (dtype: see the
+    reference; scales as there, fused into the Triton kernel's loads).
 
     implementation: "auto" (Triton on CUDA tensors when triton is installed, torch otherwise), "torch"
     or "triton" (on CPU tensors only under TRITON_INTERPRET=1; ImportError naming triton if it is
@@ -72,7 +81,7 @@ def kron_projection(
     float64 = torch.float64 in (x.dtype, y.dtype)
     use_triton = implementation == "triton" or (implementation == "auto" and x.is_cuda and triton_available())
     if not use_triton or float64:
-        return kron_projection_reference(x, y, px, py, mask)
+        return kron_projection_reference(x, y, px, py, mask, scale_x, scale_y)
     try:
         from ntkdyn.kernels.kron_projection_triton import kron_projection_triton
     except ImportError as error:
@@ -80,4 +89,6 @@ def kron_projection(
             "implementation='triton' needs the triton package, which cannot be imported here "
             f"({error}); install triton (Linux) or use implementation='torch'/'auto'"
         ) from error
-    return kron_projection_triton(x, y, px, py, mask, sign_factors=sign_factors)
+    return kron_projection_triton(
+        x, y, px, py, mask, sign_factors=sign_factors, scale_x=scale_x, scale_y=scale_y
+    )

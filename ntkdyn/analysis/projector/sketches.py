@@ -198,10 +198,10 @@ class Sketch:
         (every token) -> [S, k0, k1]."""
         if name in self._skip:
             return None
-        if name in self._precondition_factors:
+        scales = (None, None)
+        if name in self._precondition_factors:  # (r ∘ left)(c ∘ right)^T: in the kernel's loads
             self.factored_names.add(name)
-            row, col = self._precondition_factors[name]
-            left, right = left * row.to(left.dtype), right * col.to(right.dtype)
+            scales = self._precondition_factors[name]
         elif self._precondition is not None:  # the block is formed in full: D exactly
             full = kron_projection(left, right, None, None, mask, "torch").to(self.dtype)
             return self.project(name, full)
@@ -209,7 +209,7 @@ class Sketch:
             return kron_projection(left, right, None, None, mask, "torch").to(self.dtype)
         p0, p1 = self.factor(name, 0, left.device), self.factor(name, 1, left.device)
         rademacher = self.config.distribution == "rademacher"
-        return kron_projection(left, right, p0, p1, mask, self.config.implementation, rademacher).to(
+        return kron_projection(left, right, p0, p1, mask, self.config.implementation, rademacher, *scales).to(
             self.dtype
         )
 
