@@ -96,7 +96,7 @@ def config_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPa
         if owner not in groups:
             groups[owner] = parser.add_argument_group(".".join(owner)) if owner else parser
         target, dest = groups[owner], ".".join(path)
-        helptext = f.metadata.get("help", "")
+        helptext = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         if annotation is bool:
             action, name = ("store_false", "--no-" + flag[2:]) if default else ("store_true", flag)
             target.add_argument(name, dest=dest, action=action, default=argparse.SUPPRESS, help=helptext)

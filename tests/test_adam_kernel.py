@@ -251,13 +251,15 @@ def test_two_processes_split_the_step_as_one(tmp_path):
     import sys
     from pathlib import Path
 
+    from safetensors.torch import load_file
+
     from ntkdyn.rundir import read_jsonl
     from ntkdyn.track import parse_args, run
 
     args = (
         "--model toy-tiny --run sft --judge none --prompts 12 --candidates 4 --gen-batch 4 --max-steps 4 "
         "--epochs 100 --batch-size 8 --micro-batch-size 2 --lr 1e-3 --eval-prompts 6 --eval-candidates 2 "
-        "--track-every 2 --probes-per-category 2 --anchor oracle --proj-kind exact"
+        "--track-every 2 --probes-per-category 2 --anchor oracle --proj-kind exact --store-k 4"
     ).split()
     one, two = tmp_path / "one", tmp_path / "two"
     root = str(Path(__file__).resolve().parents[1])
@@ -284,9 +286,22 @@ def test_two_processes_split_the_step_as_one(tmp_path):
         assert [(s, u) for s, u, _ in a["top_train"]] == [(s, u) for s, u, _ in b["top_train"]]
     items = {u for r in rows_one for s, u, _ in r["top_train"] if s == "gen"}
     assert items and all(isinstance(u, int) and 0 <= u < 12 * 4 for u in items)
-    # the kernel row's centred alignment is that of the logged blocks; its null and the cosine's interval
-    from safetensors.torch import load_file
+    # the gradient store (--store-k): every step's per-sample gradients, ranks gathered in batch order
+    from ntkdyn.rundir import RunDir
 
+    stored = [RunDir(d).gradient_files() for d in (one, two)]
+    assert (
+        [p.name for p in stored[0]]
+        == [p.name for p in stored[1]]
+        == [f"step_{s:06d}.safetensors" for s in range(1, 5)]
+    )
+    for a, b in zip(*stored, strict=True):
+        x, y = load_file(str(a)), load_file(str(b))
+        assert set(x) == set(y) == {"gen", "gen/ids", "und"} and x["gen"].shape[0] == 8
+        assert x["gen/ids"].tolist() == y["gen/ids"].tolist()
+        for key in ("gen", "und"):
+            torch.testing.assert_close(y[key], x[key], rtol=1e-4, atol=1e-4 * float(x[key].abs().max()))
+    # the kernel row's centred alignment is that of the logged blocks; its null and the cosine's interval
     from ntkdyn.analysis.statistics import kernel_alignment
     from ntkdyn.rundir import kernel_key, ntk_key
 

@@ -145,3 +145,15 @@ def test_console_scripts_name_the_four_mains():
         main = getattr(importlib.import_module(module), function)
         assert module == f"ntkdyn.{name.removeprefix('ntkdyn-')}" and function == "main"
         assert inspect.signature(main).return_annotation in (int, "int")
+
+
+@pytest.mark.parametrize("module", ["ntkdyn.track", "ntkdyn.evaluate", "ntkdyn.pretrain"])
+def test_help_lists_every_option(module, capsys):
+    """--help prints (a literal % in a field's help once broke argparse's formatting) and names the store."""
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "--out" in text
+    if module == "ntkdyn.track":
+        assert "95%" in text and "--store-k" in text
