@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import assert_same_values
+from safetensors.torch import load_file
 
 from ntkdyn.rundir import RunDir, read_jsonl
 from ntkdyn.track import main, parse_args, run
@@ -20,7 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ARGS = (
     "--model toy-tiny --run sft --judge none --prompts 6 --candidates 2 --gen-batch 3 "
     "--max-steps 8 --rounds 2 --batch-size 4 --micro-batch-size 2 --checkpoint-every 4 --eval-every 5 "
-    "--eval-prompts 6 --eval-candidates 2 --track-every 3 --probes-per-category 1 --proj-kind exact"
+    "--eval-prompts 6 --eval-candidates 2 --track-every 3 --probes-per-category 1 --proj-kind exact "
+    "--store-k 4"
 ).split()
 
 # Runs ntkdyn.track with one more hook that sends SIGKILL to its own process right after optimizer step K.
@@ -95,6 +97,18 @@ def test_kill9_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert [r["round"] for r in read_jsonl(killed / "data.jsonl")] == [0, 1]
     assert resumed["steps"] == reference["steps"] == 8
     assert_same_values(resumed["after"], reference["after"])
+    # the gradient store: every step's file, those after the checkpoint written again by the resumed run
+    stored = [RunDir(d).gradient_files() for d in (killed, whole)]
+    assert (
+        [p.name for p in stored[0]]
+        == [p.name for p in stored[1]]
+        == [f"step_{s:06d}.safetensors" for s in range(1, 9)]
+    )
+    for a, b in zip(*stored, strict=True):
+        x, y = load_file(str(a)), load_file(str(b))
+        assert x.keys() == y.keys()
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], rtol=1e-4, atol=1e-6)
 
 
 SELECTION_ARGS = (
