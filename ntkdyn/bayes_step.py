@@ -52,12 +52,12 @@ def competing_prompts(
     meanings: category_meanings of the prompt's category (computed when not given)."""
     key = prompt.key()
     meanings = category_meanings(world, prompt.category) if meanings is None else meanings
-    others = [p for k, p in meanings.items() if k != key]
+    others = [(k, p) for k, p in meanings.items() if k != key]
     order = np.random.default_rng([seed, 17]).permutation(len(others))
     nearest = heapq.nsmallest(
-        edits, range(len(others)), key=lambda i: (_edit_distance(key, others[i].key()), order[i])
+        edits, range(len(others)), key=lambda i: (_edit_distance(key, others[i][0]), order[i])
     )
-    return [prompt, *(others[i] for i in nearest)]
+    return [prompt, *(others[i][1] for i in nearest)]
 
 
 @torch.no_grad()
