@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+from tqdm import tqdm
 
 from ntkdyn.analysis.measuring import parameters_at
 from ntkdyn.analysis.statistics import delta_auroc_with_ci, random_like_update, verdict_rates_with_ci
@@ -40,7 +41,7 @@ def judge_records(adapter: UnifiedAdapter, records: Sequence, chunk: int = 256) 
     return torch.cat(
         [
             adapter.judge(images[s : s + chunk], texts[s : s + chunk]).p_yes.float().cpu()
-            for s in range(0, len(texts), chunk)
+            for s in tqdm(range(0, len(texts), chunk), desc="judge the frozen generations", leave=False)
         ]
     )
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ntkdyn.cli import config_parser, model_option, parse_config
 from ntkdyn.models import check_model_spec, load_adapter
@@ -163,7 +164,7 @@ def evaluate(
     generator = torch.Generator().manual_seed(seed)
     per_chunk = max(1, batch_size // candidates)
     records: list[CandidateRecord] = []
-    for start in range(0, len(prompts), per_chunk):
+    for start in tqdm(range(0, len(prompts), per_chunk), desc="evaluate: generate and judge", leave=False):
         chunk = list(prompts[start : start + per_chunk])
         texts = [p.text for p in chunk]
         images = adapter.generate(texts, candidates, temperature=temperature, generator=generator)
