@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors import safe_open
 from test_adam_kernel import _ids, _per_sample_grads, _preconditioner
 from test_dynamics import float64_llama, sequence_logprob
 from test_projector_rules import assert_exact
 from torch import nn
 
 from ntkdyn import ProjectionConfig
-from ntkdyn.analysis.gradient_store import GradientStore
+from ntkdyn.analysis.gradient_store import GradientStore, read_gradient_store
 from ntkdyn.analysis.projector import GradientProjector
 from ntkdyn.analysis.projector.capture import FunctionUse, Recorder, Rewrite, subsume
 from ntkdyn.analysis.projector.views import signature
-from ntkdyn.rundir import RunDir, load_metadata
+from ntkdyn.rundir import RunDir
 
 
 def _explicit(projector, model, fn, batch) -> torch.Tensor:
@@ -184,11 +183,11 @@ def test_gradient_store_writes_each_steps_per_sample_gradients(tmp_path):
         store.after_step(step, model, 1e-2)
     files = RunDir(tmp_path).gradient_files()
     assert [f.name for f in files] == [f"step_00000{s}.safetensors" for s in (1, 2, 3)]
-    for step, path in enumerate(files, 1):
-        with safe_open(str(path), framework="pt") as f:
-            for name in sources:
-                torch.testing.assert_close(f.get_tensor(name), want[step, name], rtol=1e-4, atol=1e-5)
-            assert f.get_tensor("gen/ids").tolist() == [7 + step, 8 + step, 9 + step]
-            assert "und/ids" not in f.keys()
-        metadata = load_metadata(path)
-        assert metadata["step"] == str(step) and '"k": 4' in metadata["projection"]
+    stored = list(read_gradient_store(tmp_path))
+    assert [s.step for s in stored] == [1, 2, 3] and all(s.lr == 1e-2 for s in stored)
+    for s in stored:
+        assert set(s.features) == set(sources) and set(s.ids) == {"gen"}
+        for name in sources:
+            torch.testing.assert_close(s.features[name], want[s.step, name], rtol=1e-4, atol=1e-5)
+        assert s.ids["gen"].tolist() == [7 + s.step, 8 + s.step, 9 + s.step]
+        assert s.projection["k"] == 4 and s.projection["feature_dim"] == reference.feature_dim

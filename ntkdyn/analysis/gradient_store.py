@@ -12,7 +12,8 @@ after_step writes ``gradients/step_SSSSSS.safetensors`` (ntkdyn.rundir; rank 0):
                       samples, rank order), P the store's projection (its own ProjectionConfig)
     "<source>/ids"    [B] int64: the samples' ids, where the batch names them (batch["sample_ids/<source>"])
     metadata          step, lr, and the projection's spec (kind, k, seed, feature_dim, tracked parameters)
-so that attribution methods (TracIn: Σ_t η_t <φ_t(test), φ_t(u)>) can read a run's whole gradient history.
+so that attribution methods (TracIn: Σ_t η_t <φ_t(test), φ_t(u)>) can read a run's whole gradient history;
+``read_gradient_store(run_dir)`` gives them back step by step.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,7 +32,7 @@ from ntkdyn.analysis.measuring import measuring
 from ntkdyn.analysis.probes import Fn
 from ntkdyn.analysis.projector import GradientProjector, ProjectionConfig
 from ntkdyn.analysis.tracker import SAMPLE_IDS
-from ntkdyn.rundir import RunDir, save_tensors
+from ntkdyn.rundir import RunDir, load_metadata, save_tensors
 
 
 class GradientStore:
@@ -102,3 +104,30 @@ class GradientStore:
             }
             self.run.gradients.mkdir(parents=True, exist_ok=True)
             save_tensors(self.run.gradient_file(step), tensors, metadata)
+
+
+@dataclass
+class StoredStep:
+    """One step of a run's gradient store: features[source] [B, D] (row u: P ∇l_source(u) at θ_before of
+    the step), ids[source] [B] where the batch named its samples, the step's lr and the projection."""
+
+    step: int
+    lr: float
+    features: dict[str, torch.Tensor]
+    ids: dict[str, torch.Tensor]
+    projection: dict
+
+
+def read_gradient_store(run_dir: str | os.PathLike) -> Iterator[StoredStep]:
+    """The gradient store of a run directory, step by step (one file read at a time)."""
+    from safetensors.torch import load_file
+
+    for path in RunDir(run_dir).gradient_files():
+        tensors, metadata = load_file(str(path)), load_metadata(path)
+        yield StoredStep(
+            step=int(metadata["step"]),
+            lr=float(metadata["lr"]),
+            features={k: v for k, v in tensors.items() if "/" not in k},
+            ids={k.removesuffix("/ids"): v for k, v in tensors.items() if k.endswith("/ids")},
+            projection=json.loads(metadata["projection"]),
+        )
