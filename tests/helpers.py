@@ -165,3 +165,20 @@ def assert_same_values(x: dict, y: dict) -> None:
             assert_same_values(x[k], y[k])
         else:
             assert x[k] == y[k], k
+
+
+def assert_same_gradient_stores(a, b, steps: int) -> list:
+    """Two runs' gradient stores (read_gradient_store) hold steps 1..steps, the same sources and ids, and
+    the same rows to float32 rounding of another summation order (rel 1e-4 of the largest entry).
+    Returns run a's steps."""
+    from ntkdyn.analysis.gradient_store import read_gradient_store
+
+    first, second = list(read_gradient_store(a)), list(read_gradient_store(b))
+    assert [s.step for s in first] == [s.step for s in second] == list(range(1, steps + 1))
+    for x, y in zip(first, second, strict=True):
+        assert x.features.keys() == y.features.keys() and x.ids.keys() == y.ids.keys()
+        for key in x.ids:
+            assert x.ids[key].tolist() == y.ids[key].tolist()
+        for key, rows in x.features.items():
+            torch.testing.assert_close(y.features[key], rows, rtol=1e-4, atol=1e-4 * float(rows.abs().max()))
+    return first

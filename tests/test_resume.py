@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_values
-from safetensors.torch import load_file
+from helpers import assert_same_gradient_stores, assert_same_values
 
 from ntkdyn.rundir import RunDir, read_jsonl
 from ntkdyn.track import main, parse_args, run
@@ -98,17 +97,7 @@ def test_kill9_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert resumed["steps"] == reference["steps"] == 8
     assert_same_values(resumed["after"], reference["after"])
     # the gradient store: every step's file, those after the checkpoint written again by the resumed run
-    stored = [RunDir(d).gradient_files() for d in (killed, whole)]
-    assert (
-        [p.name for p in stored[0]]
-        == [p.name for p in stored[1]]
-        == [f"step_{s:06d}.safetensors" for s in range(1, 9)]
-    )
-    for a, b in zip(*stored, strict=True):
-        x, y = load_file(str(a)), load_file(str(b))
-        assert x.keys() == y.keys()
-        for key in x:
-            torch.testing.assert_close(x[key], y[key], rtol=1e-4, atol=1e-6)
+    assert_same_gradient_stores(killed, whole, steps=8)
 
 
 SELECTION_ARGS = (
