@@ -182,3 +182,30 @@ def assert_same_gradient_stores(a, b, steps: int) -> list:
         for key, rows in x.features.items():
             torch.testing.assert_close(y.features[key], rows, rtol=1e-4, atol=1e-4 * float(rows.abs().max()))
     return first
+
+
+def torchrun_track(args: list[str], out, processes: int = 2) -> None:
+    """``python -m ntkdyn.track ARGS --out OUT`` under torchrun with ``processes`` CPU processes (gloo),
+    one thread each; fails the test with the processes' stderr if the run fails."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(processes),
+    ]
+    command += ["-m", "ntkdyn.track", "--", *args, "--out", str(out)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_same_gradient_stores
+from helpers import assert_same_gradient_stores, torchrun_track
 from test_dynamics import float64_llama, sequence_logprob
 
 from ntkdyn import ProjectionConfig
@@ -247,11 +247,6 @@ def test_two_processes_split_the_step_as_one(tmp_path):
     gradients averaged once, the split's source gradients averaged over ranks) gives the rows of one
     process: every part, the current part and the Adam-aware kernel, up to float32 summation order
     (1e-4 of the parts' magnitude over 4 steps; a wrong average would be off by O(1))."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
     from ntkdyn.rundir import read_jsonl
@@ -263,16 +258,7 @@ def test_two_processes_split_the_step_as_one(tmp_path):
         "--track-every 2 --probes-per-category 2 --anchor oracle --proj-kind exact --store-k 4"
     ).split()
     one, two = tmp_path / "one", tmp_path / "two"
-    root = str(Path(__file__).resolve().parents[1])
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-    }
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    command += ["-m", "ntkdyn.track", "--", *args, "--out", str(two)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_track(args, two)
     run(parse_args([*args, "--out", str(one)]))
     rows_one, rows_two = read_jsonl(one / "dynamics.jsonl"), read_jsonl(two / "dynamics.jsonl")
     assert len(rows_one) == len(rows_two) == 24

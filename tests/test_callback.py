@@ -234,26 +234,33 @@ def dpo_dataset() -> datasets.Dataset:
     )
 
 
+def dpo_config(tmp_path, **options) -> trl.DPOConfig:
+    """TRL's DPOConfig of these tests: 4 steps of 4 pairs at lr 0.01, constant schedule, precomputed
+    reference log-probabilities, on the CPU, nothing saved or logged; ``options`` override or add."""
+    return trl.DPOConfig(
+        **{
+            "output_dir": str(tmp_path / "dpo"),
+            "per_device_train_batch_size": 4,
+            "max_steps": 4,
+            "learning_rate": 0.01,
+            "lr_scheduler_type": "constant",
+            "beta": BETA,
+            "precompute_ref_log_probs": True,
+            "report_to": "none",
+            "save_strategy": "no",
+            "logging_strategy": "no",
+            "use_cpu": True,
+            "disable_tqdm": True,
+            **options,
+        }
+    )
+
+
 def test_callback_in_trl_dpo_trainer(tmp_path):
     model = tiny_llama()
     tokenizer = tiny_tokenizer()
     data = dpo_dataset()
-    args = trl.DPOConfig(
-        output_dir=str(tmp_path / "dpo"),
-        per_device_train_batch_size=4,
-        max_steps=4,
-        learning_rate=0.01,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        beta=BETA,
-        precompute_ref_log_probs=True,
-        report_to="none",
-        save_strategy="no",
-        logging_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-    )
+    args = dpo_config(tmp_path, optim="sgd", max_grad_norm=0.0)
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     cb = ntkdyn.NTKDynamicsCallback(
         probes=probes(),
@@ -278,22 +285,11 @@ def test_callback_splits_trl_dpo_adamw_steps_and_logs_to_the_trainer(tmp_path):
     model = tiny_llama()
     tokenizer = tiny_tokenizer()
     data = dpo_dataset()
-    args = trl.DPOConfig(
-        output_dir=str(tmp_path / "dpo"),
-        per_device_train_batch_size=4,
-        max_steps=4,
-        learning_rate=0.01,
+    args = dpo_config(
+        tmp_path,
         weight_decay=0.1,
         max_grad_norm=0.05,
-        lr_scheduler_type="constant",
-        beta=BETA,
-        precompute_ref_log_probs=True,
         bf16=False,  # the real update and the kernel's features in the same precision
-        report_to="none",
-        save_strategy="no",
-        logging_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
     )
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     cb = ntkdyn.NTKDynamicsCallback(

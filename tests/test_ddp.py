@@ -1,13 +1,8 @@
 """Two DDP processes (torchrun, gloo) give the results of one process at the same global batch."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from helpers import assert_same_values
+from helpers import assert_same_values, torchrun_track
 from safetensors.torch import load_file
 
 from ntkdyn.models.toy import ToyAdapter
@@ -32,28 +27,7 @@ def test_two_processes_equal_one(tmp_path):
         "--eval-candidates 2"
     ).split()
     one, two = tmp_path / "one", tmp_path / "two"
-    root = str(Path(__file__).resolve().parents[1])
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "ntkdyn.track",
-        "--",
-        *args,
-        "--out",
-        str(two),
-    ]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_track(args, two)
     summary = run(parse_args([*args, "--out", str(one)]))
 
     data_one, data_two = (

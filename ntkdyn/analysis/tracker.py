@@ -272,9 +272,8 @@ class DynamicsTracker:
             f_before: dict[str, torch.Tensor] = {}
             preconditioned: dict[str, list[torch.Tensor]] = {}
             with parameters_at(self.model, pending.before):
-                tangents = [delta, *parts.values()]  # one list: its stacks are formed once for every group
                 for g in self.probes:
-                    measured = self.projector.per_sample_all(g.fn, g.batch, tangents=tangents)
+                    measured = self.projector.per_sample_all(g.fn, g.batch, tangents=[delta, *parts.values()])
                     pending.features[g.name] = measured.features
                     f_before[g.name], dots[g.name] = measured.values, measured.dots
                 for source in dict.fromkeys([*pending.train_batches, *pending.recorded]):

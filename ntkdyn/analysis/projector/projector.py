@@ -88,7 +88,6 @@ class GradientProjector:
         self._checked: list[Fn] = []  # the fns whose first per_sample call passed the self-check
         self._layouts: dict[tuple, list[list[Layout | None]]] = {}  # signature -> layout per item, per leaf
         self._scope: set[int] = set()  # ids of the modules holding the items of those recordings
-        self._dots: tuple[Sequence, TangentDots] | None = None  # the last tangents list and its view
 
     def _check_implementation(self) -> None:
         if self.config.implementation != "triton":
@@ -187,8 +186,7 @@ class GradientProjector:
         precondition)), and with ``tangents`` (K updates, each name -> tensor shaped like the parameter for
         every tracked parameter, as project_update's delta) also dots [B, K] float64: the exact
         <grad fn[b], t_k>, the first-order change of fn[b] along t_k (what forward-mode AD along t_k gives,
-        to float rounding; sketches.TangentDots), for all K at once. Calls with the same ``tangents``
-        list object read its tensors once (pass a new list for new tangents)."""
+        to float rounding; sketches.TangentDots), for all K at once."""
         views = self._views(precondition, tangents)
         accs, values = self._blocks(fn, batch, views)
         if self.config.self_check and not any(f is fn for f in self._checked):
@@ -281,10 +279,8 @@ class GradientProjector:
         if precondition is not None:
             views.append((self._sketch, self._by_tracked_name(precondition, "precondition")))
         if tangents:
-            if self._dots is None or self._dots[0] is not tangents:  # the same list again: its stacks kept
-                named = [self._by_tracked_name(t, f"tangents[{i}]") for i, t in enumerate(tangents)]
-                self._dots = (tangents, TangentDots(self._sketch.blocks, named))
-            views.append((self._dots[1], None))
+            named = [self._by_tracked_name(t, f"tangents[{i}]") for i, t in enumerate(tangents)]
+            views.append((TangentDots(self._sketch.blocks, named), None))
         return views
 
     def _record(self, fn: Fn, batch: Any, rewrite: Rewrite | None = None) -> Run:
@@ -312,7 +308,7 @@ class GradientProjector:
     def _blocks(self, fn: Fn, batch: Any, views: Sequence[View]) -> tuple[list[dict], torch.Tensor]:
         """From one recording of fn, per view (a sketch, and a preconditioner by tracked name or None) its
         per-sample blocks {name: [B, ...]} (absent: zero); and fn's values [B] (detached). The sample
-        layouts of a recording whose signature (capture.signature) an earlier one had are reused: one
+        layouts of a recording whose signature (views.signature) an earlier one had are reused: one
         backward instead of two."""
         with torch.enable_grad(), self._eager():
             run = self._record(fn, batch)

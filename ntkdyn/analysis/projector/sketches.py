@@ -293,9 +293,8 @@ class TangentDots:
     gradient block with K tangents instead of a projection: block [S, K] = <G_s, V_k> (float64), so that
     ``finish`` gives [B, K] = <∇f_b, t_k>, the exact first-order change of f_b along every t_k at once.
 
-    tangents: K dicts {tracked name: tensor shaped like the parameter}; each block's [K, d0, d1] float64
-    stack is formed when first needed and kept (K float64 copies of the tracked parameters at most), so
-    that recordings of several probe groups along the same tangents form them once."""
+    tangents: K dicts {tracked name: tensor shaped like the parameter}; a block's [K, d0, d1] stack is
+    formed (float64) only while that block is computed, so at most one block's is held at a time."""
 
     def __init__(self, blocks: dict[str, Block], tangents: Sequence[dict[str, torch.Tensor]]):
         self.blocks = blocks
@@ -304,7 +303,6 @@ class TangentDots:
         self.K = len(tangents)
         self.drop_zero_tokens = True  # as Sketch's: rules mask tokens with zero output-gradient
         self._skip: frozenset[str] = frozenset()
-        self._stacks: dict[str, torch.Tensor] = {}
 
     @contextlib.contextmanager
     def skipping(self, names: Iterable[str]) -> Iterator[None]:
@@ -317,13 +315,9 @@ class TangentDots:
             self._skip = frozenset()
 
     def _stacked(self, name: str, device: torch.device) -> torch.Tensor:
-        """[K, d0, d1] float64: every tangent's block of the parameter (formed once per parameter)."""
-        if name not in self._stacks:
-            shape = self.blocks[name].shape2d
-            self._stacks[name] = torch.stack(
-                [t[name].detach().to(device, self.dtype).reshape(shape) for t in self._tangents]
-            )
-        return self._stacks[name]
+        """[K, d0, d1] float64: every tangent's block of the parameter."""
+        shape = self.blocks[name].shape2d
+        return torch.stack([t[name].detach().to(device, self.dtype).reshape(shape) for t in self._tangents])
 
     def project(self, name: str, grads: torch.Tensor) -> torch.Tensor | None:
         """[S, d0, d1] gradients -> [S, K] dots."""
