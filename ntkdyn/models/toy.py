@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from ntkdyn.models._hf_tiny import left_pad
 from ntkdyn.models.base import Judgement, UnifiedAdapter
 from ntkdyn.world import ShapesWorld
 from ntkdyn.world.shapes import COLORS
@@ -110,12 +111,15 @@ class ToyUnifiedLM(LlamaForCausalLM):
             is_object, 1 + (code - 1) % n_colors, 0
         )
 
-    def forward(self, input_ids: torch.Tensor, **kwargs):
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """inputs_embeds of full sequences [B, T] -> [B, T, hidden]."""
         row_ids, col_ids = self.position_ids_2d(input_ids)
         shape_ids, color_ids = self.attribute_ids(input_ids)
         embeds = self.model.embed_tokens(input_ids) + self.row_embed(row_ids) + self.col_embed(col_ids)
-        embeds = embeds + self.shape_embed(shape_ids) + self.color_embed(color_ids)
-        return super().forward(inputs_embeds=embeds, **kwargs)
+        return embeds + self.shape_embed(shape_ids) + self.color_embed(color_ids)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        return super().forward(inputs_embeds=self.embed(input_ids), **kwargs)
 
 
 def toy_vocabulary(world: ShapesWorld) -> list[str]:
@@ -255,17 +259,8 @@ class ToyAdapter(UnifiedAdapter):
         self.model); position ids skip the padding."""
         model = self.model if model is None else model
         device = next(model.parameters()).device
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), self.token_id["<pad>"], dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for b, s in enumerate(sequences):
-            ids[b, width - len(s) :] = torch.tensor(s)
-            mask[b, width - len(s) :] = 1
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        out = model(
-            input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)
-        )
-        return out.logits
+        ids, mask, positions = (t.to(device) for t in left_pad(sequences, self.token_id["<pad>"]))
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
 
     # ----------------------------------------------------------- measurements
     def image_logits(self, logits: torch.Tensor) -> torch.Tensor:
@@ -281,23 +276,40 @@ class ToyAdapter(UnifiedAdapter):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Sample n images per prompt, one cell at a time from softmax(image logits / temperature)
-        (temperature 0: argmax): LongTensor[len(prompts), n, L]."""
+        (temperature 0: argmax), with a key-value cache over the left-padded batch (each new cell is
+        one cached step, not a recomputation of the prefix): LongTensor[len(prompts), n, L]."""
         if n < 1:
             raise ValueError(f"n must be >= 1 (got {n})")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (got {temperature})")
+        model = self.model
+        device = next(model.parameters()).device
         sequences = [s for s in self.gen_sequences(prompts) for _ in range(n)]
-        cells = torch.empty((len(sequences), 0), dtype=torch.long)
-        for _ in range(self.image_tokens):
-            logits = self.image_logits(self.forward(sequences)[:, -1]).float().cpu()
+        ids, mask, positions = (t.to(device) for t in left_pad(sequences, self.token_id["<pad>"]))
+        inputs, cache = model.embed(ids), DynamicCache(config=model.config)
+        cells = torch.empty((len(sequences), self.image_tokens), dtype=torch.long)
+        for i in range(self.image_tokens):
+            out = LlamaForCausalLM.forward(
+                model,
+                inputs_embeds=inputs,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            logits = self.image_logits(out.logits[:, -1]).float().cpu()
             if temperature == 0:
                 step = logits.argmax(-1)
             else:
                 step = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[
                     :, 0
                 ]
-            cells = torch.cat([cells, step[:, None]], 1)
-            sequences = [s + [c + self.image_offset] for s, c in zip(sequences, step.tolist(), strict=True)]
+            cells[:, i] = step
+            ids = torch.cat([ids, (step + self.image_offset)[:, None].to(device)], 1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            positions = positions[:, -1:] + 1
+            inputs = model.embed(ids)[:, -1:]  # the new cell's grid position counts the earlier cells
         return cells.view(len(prompts), n, self.image_tokens)
 
     def gen_logprob(

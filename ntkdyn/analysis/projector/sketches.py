@@ -242,20 +242,20 @@ class Sketch:
                 if acc.get(name) is not None:
                     features += self._dense_jl(name, acc[name].reshape(B, -1))
             return features
-        pieces = []
+        features = torch.empty(B, self.feature_dim, dtype=self.dtype, device=device)
+        start = 0
         for name, block in self.blocks.items():
+            out, start = features[:, start : start + block.out_size], start + block.out_size
             value = acc.get(name)
             if value is None:
-                pieces.append(torch.zeros(B, block.out_size, dtype=self.dtype, device=device))
+                out.zero_()
                 continue
             flat = value.reshape(B, -1).to(self.dtype)
-            if self.config.kind == "kronecker":
-                scale = self._kron_scale(block)
-                flat = flat if scale == 1 else flat * scale
-                if block.out_size < flat.shape[1]:
-                    flat = self._second_stage(name, flat, block.out_size)
-            pieces.append(flat)
-        return torch.cat(pieces, dim=1)
+            scale = self._kron_scale(block) if self.config.kind == "kronecker" else 1
+            if block.out_size < flat.shape[1]:
+                flat = self._second_stage(name, flat, block.out_size)
+            torch.mul(flat, scale, out=out)  # each block written once, in place
+        return features
 
     def _kron_scale(self, block: Block) -> float:
         """1/sqrt(k) per projected axis, so that E[(P^T x)^T (P^T y)] / k = x^T y."""
