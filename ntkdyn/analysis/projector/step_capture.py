@@ -52,7 +52,7 @@ class StepCapture:
         self._weights: torch.Tensor | None = None  # dL/dl [B]
         self._usable = False  # every weight finite and nonzero
         self._uniform = False  # every weight the same (a mean or sum of the losses)
-        self._scale_at_end = False  # divide the features by the weight, not every output-gradient
+        self._scale_at_end = False  # divide each sample's features by its weight, not the output-gradients
         self._owner: list[tuple[int, int]] = []  # leaf position -> (item position, leaf index)
         self._grads: dict[int, list[torch.Tensor | None]] = {}  # item position -> its leaves' gradients
         self._acc: dict[str, torch.Tensor] = {}  # eager: the plain projection's blocks so far
@@ -87,7 +87,8 @@ class StepCapture:
         if self._layouts is None:
             return
         self._run = Run(values, items, recorder.no_grad_uses, recorder.outside)
-        # with equal weights, divide by w once: the features when they are smaller than the gradients
+        # every block is linear in sample b's output-gradients: divide its features by w_b at the end when
+        # they are smaller than the gradients
         gradient_entries = sum(leaf.numel() for item in items for leaf in item.leaves)
         self._scale_at_end = 2 * values.shape[0] * self._projector.feature_dim <= gradient_entries
         values.register_hook(self._keep_weights)
@@ -121,7 +122,7 @@ class StepCapture:
                 return
             if g is None or layout is None:
                 pairs.append(None)
-            elif self._uniform and self._scale_at_end:
+            elif self._scale_at_end:
                 pairs.append((g, layout))
             else:  # dl_b/dX from sum_b w_b dl_b/dX
                 pairs.append((g * (1 / w[0]) if self._uniform else layout.weigh(g, 1 / w), layout))
@@ -161,8 +162,8 @@ class StepCapture:
             return None
         B, w = run.values.shape[0], self._weights
         finished = p._finish(views, accs, B, run.values.device)
-        if self._uniform and self._scale_at_end:  # every block is linear in the output-gradients
-            finished = [rows / w[0].to(rows.dtype) for rows in finished]
+        if self._scale_at_end:  # row b of every block is linear in sample b's output-gradients
+            finished = [rows / w.to(rows.device, rows.dtype)[:, None] for rows in finished]
         return PerSample(
             values=run.values.detach(),
             features=finished[0],
