@@ -4,21 +4,23 @@ The default toy unified model (ToyConfig size, randomly initialised from seed 0,
 with --model-dir) trains with the default DPO objective of ``python -m ntkdyn.track --run dpo``
 (AdamW at its default lr, beta, understanding anchor; batch of --batch pairs), each step as the trainer
 runs it (trainer/loop.py: one forward and backward per loss source inside the split's context and the
-hooks' ``recording``, clip, AdamW). Steps come in triples, one batch each (a step's cost depends on its
-batch's lengths), of three kinds timed on the same model in the same process:
+hooks' ``recording``, clip, AdamW). Steps come in triples on one batch each (a step's cost depends on
+its batch's lengths): a tracked step on a fresh batch, as in a run, then a plain and a stored step on the
+same batch, timed on the same model in the same process:
   plain    no hook (the step is split by loss source on every step: SourceAttribution's cost included)
   stored   the gradient store (analysis/gradient_store.py, --store-k): every training sample's projected
            gradient captured from the step's own forward and backward and written to the run directory
   tracked  the tracker (before_step, the step, after_step): the probes' features and exact first order
            along every part of the split update (one recording per probe group), the training features
            and preconditioned features from the step's own backward, the Gram matrix, rows and kernels
-The first step of each kind is not timed (it calibrates the sample layouts with a full recording).
+The first triple is not timed (it calibrates the sample layouts with a full recording).
 Times are CPU time of this process (time.process_time, summed over its threads), which other processes
 sharing the machine do not inflate the way they inflate wall-clock time. For every projection size
 and probe count of the grid, it prints the median step times, the store's overhead and the tracked /
-plain ratio (medians over the triples of each step's ratio to its batch's plain step), the Pearson correlation of predicted with observed change (exact first order, features) and
-of the kernel forms (Adam-aware kernel, SGD form) with the exact current-step part, per branch over the
-run's tracked steps, as a Markdown table.
+plain ratio (medians over the batches of each step's ratio to its batch's plain step), the Pearson
+correlation of predicted with observed change (exact first order, features) and of the kernel forms
+(Adam-aware kernel, SGD form) with the exact current-step part, per branch over the run's tracked steps,
+as a Markdown table.
 
     python benchmarks/tracking.py --ks 64 128 --probes 2 8  # the grid of BENCHMARKS.md
     python benchmarks/tracking.py --ks 128 --probes 8 --model-dir ntkdyn/models/pretrained/toy  # default
@@ -118,7 +120,7 @@ def run(
     records = pretrained_records(adapter, 4 * per_category)
     projection = ProjectionConfig(kind=kind, k=k)
     settings = TrackingConfig(track_every=3, projection=projection, probes_per_category=per_category)
-    times: dict[str, list[float]] = {"plain": [], "stored": [], "tracked": []}  # by triple of steps
+    times: dict[str, dict[int, float]] = {"plain": {}, "stored": {}, "tracked": {}}  # kind -> batch -> s
     with tempfile.TemporaryDirectory(prefix="ntkdyn-bench-") as out:
         tracker = build_tracker(adapter, adapter.world, out, settings, records)
         store = GradientStore(model, out, ProjectionConfig(kind="kronecker", k=store_k))
@@ -128,7 +130,8 @@ def run(
         for step in tqdm(range(1, steps + 1), desc=f"{kind} k={k} probes/cat={per_category}", leave=False):
             kind_of_step = ("tracked", "plain", "stored")[step % 3]
             hooks = {"tracked": [tracker], "stored": [store], "plain": []}[kind_of_step]
-            if kind_of_step == "plain":  # a triple of steps (plain, stored, tracked) runs on one batch
+            if kind_of_step == "tracked" or step == 1:  # a fresh batch for the tracked step, as in a run;
+                batch_id = step  # the plain and stored steps after it run on the same batch
                 batch = dpo_batch(adapter, reference, batch_size, step, cfg, anchor)
             start = time.process_time()
             for hook in hooks:
@@ -147,7 +150,7 @@ def run(
             for hook in hooks:
                 hook.after_step(step, model, cfg.lr)
             if step > 3:  # steps 1-3 warm up (first AdamW step, projection factors, the calibrations)
-                times[kind_of_step].append(time.process_time() - start)
+                times[kind_of_step][batch_id] = time.process_time() - start
         summary = summarize_dynamics(read_jsonl(RunDir(out).dynamics))
         stored_rows = sum(1 for _ in RunDir(out).gradient_files())
     return {
@@ -157,9 +160,11 @@ def run(
         "D": tracker.projector.feature_dim,
         "store_D": store.projector.feature_dim,
         "store_files": stored_rows,
-        **{f"{name}_s": statistics.median(values) for name, values in times.items()},
-        **{  # median over the triples of the ratio to the same batch's plain step
-            f"{name}_ratio": statistics.median(t / p for t, p in zip(times[name], times["plain"], strict=False))
+        **{f"{name}_s": statistics.median(values.values()) for name, values in times.items()},
+        **{  # median over the batches of the ratio to the same batch's plain step
+            f"{name}_ratio": statistics.median(
+                t / times["plain"][b] for b, t in times[name].items() if b in times["plain"]
+            )
             for name in ("stored", "tracked")
         },
         **{
