@@ -4,6 +4,9 @@ the elementwise-scale rule (RMSNorm's weight); the gradient store inside a train
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from test_adam_kernel import _ids, _per_sample_grads, _preconditioner
@@ -75,6 +78,36 @@ def test_captured_preconditioned_features_equal_the_full_recordings():
     torch.testing.assert_close(measured.preconditioned, full.preconditioned, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="eager capture forms the plain projection only"):
         _captured(projector, model, sequence_logprob, batch, torch.ones(3, dtype=torch.float64), True, d)
+
+
+def test_eager_capture_lets_go_of_the_forwards_tensors():
+    """In eager mode nothing the recorder kept (each call's inputs and outputs) outlives the caller's
+    backward, so autograd frees the activations as in a plain backward; the features stay exact."""
+    model = float64_llama()
+    projector = GradientProjector(model, ProjectionConfig(kind="kronecker", k=4))
+    projector.per_sample(sequence_logprob, {"input_ids": _ids(1)})
+    batch = {"input_ids": _ids(2)}
+    for eager in (True, False):
+        capture = projector.capture(eager=eager)
+        with capture:
+            values = sequence_logprob(model, batch)
+            capture.watch(values)
+            recorded = [
+                weakref.ref(x)
+                for item in capture._run.items
+                for x in [*item.leaves, *getattr(item, "bound", {}).values()]
+                if isinstance(x, torch.Tensor)
+            ]
+            values.sum().backward()
+        gc.collect()
+        alive = sum(ref() is not None for ref in recorded)
+        assert alive == 0 if eager else alive == len(recorded) > 0  # kept for the preconditioned view
+        torch.testing.assert_close(
+            capture.features().features,
+            _explicit(projector, model, sequence_logprob, batch),
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 def test_capture_gives_nothing_it_cannot_know():
