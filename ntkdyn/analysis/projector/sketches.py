@@ -290,11 +290,13 @@ _FULL_BLOCK_ENTRIES = 1 << 25  # S * d0 * d1 up to which TangentDots.tokens form
 
 class TangentDots:
     """The sketch interface (project, tokens, embedding, finish) with the exact dots of each sample's
-    gradient block with K tangents instead of a projection: block [S, K] = <G_s, V_k> (float64), so that
-    ``finish`` gives [B, K] = <∇f_b, t_k>, the exact first-order change of f_b along every t_k at once.
+    gradient block with K tangents instead of a projection: block [S, K] = <G_s, V_k>, so that ``finish``
+    gives [B, K] = <∇f_b, t_k> (float64), the exact first-order change of f_b along every t_k at once.
+    Products in the gradients' dtype (at least float32, as the features' Gram matrix), each block's dots
+    returned in float64 and summed over the blocks in float64.
 
     tangents: K dicts {tracked name: tensor shaped like the parameter}; a block's [K, d0, d1] stack is
-    formed (float64) only while that block is computed, so at most one block's is held at a time."""
+    formed only while that block is computed, so at most one block's is held at a time."""
 
     def __init__(self, blocks: dict[str, Block], tangents: Sequence[dict[str, torch.Tensor]]):
         self.blocks = blocks
@@ -314,17 +316,18 @@ class TangentDots:
         finally:
             self._skip = frozenset()
 
-    def _stacked(self, name: str, device: torch.device) -> torch.Tensor:
-        """[K, d0, d1] float64: every tangent's block of the parameter."""
+    def _stacked(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """[K, d0, d1]: every tangent's block of the parameter, in the products' dtype for ``like``."""
         shape = self.blocks[name].shape2d
-        return torch.stack([t[name].detach().to(device, self.dtype).reshape(shape) for t in self._tangents])
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        return torch.stack([t[name].detach().to(like.device, dtype).reshape(shape) for t in self._tangents])
 
     def project(self, name: str, grads: torch.Tensor) -> torch.Tensor | None:
         """[S, d0, d1] gradients -> [S, K] dots."""
         if name in self._skip:
             return None
-        v = self._stacked(name, grads.device)
-        return grads.reshape(grads.shape[0], -1).to(self.dtype) @ v.reshape(self.K, -1).T
+        v = self._stacked(name, grads)
+        return (grads.reshape(grads.shape[0], -1).to(v.dtype) @ v.reshape(self.K, -1).T).to(self.dtype)
 
     def tokens(self, name: str, left: torch.Tensor, right: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[S, K]: <Σ_t m_t left_t right_t^T, V_k>, by forming each sample's block (when S d0 d1 entries
@@ -334,19 +337,18 @@ class TangentDots:
         d0, d1 = self.blocks[name].shape2d
         if left.shape[0] * d0 * d1 <= _FULL_BLOCK_ENTRIES:
             return self.project(name, kron_projection(left, right, None, None, mask, "torch"))
-        keep = mask.unsqueeze(-1)
-        lf = torch.where(keep, left.to(self.dtype), 0.0)
-        rf = right.to(self.dtype)
-        v = self._stacked(name, left.device)
-        return torch.stack([((lf @ v[k]) * rf).sum((1, 2)) for k in range(self.K)], dim=1)
+        v = self._stacked(name, left)
+        lf = torch.where(mask.unsqueeze(-1), left.to(v.dtype), 0.0)
+        rf = right.to(v.dtype)
+        return torch.stack([((lf @ v[k]) * rf).sum((1, 2)) for k in range(self.K)], dim=1).to(self.dtype)
 
     def embedding(self, name: str, ids: torch.Tensor, g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[S, K]: Σ_t m_t <V_k[id_t], g_t> (ids [S, T], g [S, T, dim])."""
         if name in self._skip:
             return None
-        gf = torch.where(mask.unsqueeze(-1), g.to(self.dtype), 0.0)
-        v = self._stacked(name, g.device)
-        return torch.stack([(v[k][ids] * gf).sum((1, 2)) for k in range(self.K)], dim=1)
+        v = self._stacked(name, g)
+        gf = torch.where(mask.unsqueeze(-1), g.to(v.dtype), 0.0)
+        return torch.stack([(v[k][ids] * gf).sum((1, 2)) for k in range(self.K)], dim=1).to(self.dtype)
 
     def finish(self, acc: dict[str, torch.Tensor | None], B: int, device: torch.device) -> torch.Tensor:
         """Blocks [B, K] (None = zero) summed over the tracked parameters: [B, K]."""
