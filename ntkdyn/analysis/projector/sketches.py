@@ -21,6 +21,7 @@ Kronecker product of rescaled factors.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -316,11 +317,14 @@ class TangentDots:
         finally:
             self._skip = frozenset()
 
-    def _stacked(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """[K, d0, d1]: every tangent's block of the parameter, in the products' dtype for ``like``."""
+    def _stacked(self, name: str, *factors: torch.Tensor) -> torch.Tensor:
+        """[K, d0, d1]: every tangent's block of the parameter, in the dtype of the products with
+        ``factors`` (theirs, at least float32)."""
         shape = self.blocks[name].shape2d
-        dtype = torch.promote_types(like.dtype, torch.float32)
-        return torch.stack([t[name].detach().to(like.device, dtype).reshape(shape) for t in self._tangents])
+        dtype = functools.reduce(torch.promote_types, [x.dtype for x in factors], torch.float32)
+        return torch.stack(
+            [t[name].detach().to(factors[0].device, dtype).reshape(shape) for t in self._tangents]
+        )
 
     def project(self, name: str, grads: torch.Tensor) -> torch.Tensor | None:
         """[S, d0, d1] gradients -> [S, K] dots."""
@@ -337,7 +341,7 @@ class TangentDots:
         d0, d1 = self.blocks[name].shape2d
         if left.shape[0] * d0 * d1 <= _FULL_BLOCK_ENTRIES:
             return self.project(name, kron_projection(left, right, None, None, mask, "torch"))
-        v = self._stacked(name, left)
+        v = self._stacked(name, left, right)
         lf = torch.where(mask.unsqueeze(-1), left.to(v.dtype), 0.0)
         rf = right.to(v.dtype)
         return torch.stack([((lf @ v[k]) * rf).sum((1, 2)) for k in range(self.K)], dim=1).to(self.dtype)
