@@ -1,9 +1,12 @@
 """GradientProjector.per_sample_all: from one recording, the features and preconditioned features equal
 per_sample's, and the dots with K tangents equal the exact first-order change along each tangent by
-forward-mode AD (measuring.first_order_change, an independent computation), on a float64 Llama whose
-parameters take every path (linear and embedding rules, RMSNorm's generic path)."""
+forward-mode AD (measuring.first_order_change, an independent computation), on a float64 Llama (and its
+float32 copy, against the float64 changes) whose parameters take every path (linear and embedding rules,
+RMSNorm's generic path)."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -26,23 +29,31 @@ def _tangents(model, n: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("full_blocks", [True, False])
 @pytest.mark.parametrize("kind, k", [("kronecker", 4), ("exact", None)])
-def test_dots_are_forward_mode_first_order_changes(kind, k, full_blocks, monkeypatch):
+def test_dots_are_forward_mode_first_order_changes(kind, k, full_blocks, dtype, monkeypatch):
+    """A float32 model's dots (float32 products) against the same weights' float64 forward-mode changes."""
     if not full_blocks:  # every linear weight's dots by the token route (Σ_t left_t^T V_k right_t)
         monkeypatch.setattr(sketches, "_FULL_BLOCK_ENTRIES", 0)
-    model = float64_llama()
+    reference = float64_llama()
+    model = copy.deepcopy(reference).to(dtype)
     batch = {"input_ids": torch.randint(0, 11, (4, 7), generator=torch.Generator().manual_seed(1))}
     projector = GradientProjector(model, ProjectionConfig(kind=kind, k=k))
     tangents = _tangents(model, 5)
-    params = {n: p.detach() for n, p in model.named_parameters()}
+    params = {n: p.detach() for n, p in reference.named_parameters()}
     measured = projector.per_sample_all(sequence_logprob, batch, tangents=tangents)
     assert measured.dots.shape == (4, 5) and measured.dots.dtype == torch.float64
+    torch.testing.assert_close(measured.values, sequence_logprob(model, batch).detach(), rtol=0, atol=0)
     for i, t in enumerate(tangents):
-        f0, change = first_order_change(model, sequence_logprob, batch, params, t)
-        # float64 model, but its rotary tables are float32: the two computations differ by ~1e-7 relative
-        torch.testing.assert_close(measured.dots[:, i], change, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(measured.values, f0, rtol=0, atol=0)
+        _, change = first_order_change(
+            reference, sequence_logprob, batch, params, {n: v.double() for n, v in t.items()}
+        )
+        # float64: the rotary tables are float32 (~1e-7 relative); float32: the model's own rounding
+        tol = 1e-6 if dtype == torch.float64 else 1e-4
+        torch.testing.assert_close(
+            measured.dots[:, i], change, rtol=tol, atol=tol * float(change.abs().max())
+        )
     assert bool((measured.dots[:, -1] == 0).all())
     torch.testing.assert_close(
         measured.features, projector.per_sample(sequence_logprob, batch), rtol=0, atol=0
