@@ -45,7 +45,7 @@ from ntkdyn.shapes_probes import build_tracker, load_probes
 from ntkdyn.squeezing import SqueezingLog, squeezing_summary
 from ntkdyn.trainer.checkpoint import check_checkpoint
 from ntkdyn.trainer.data import stratified_prompts
-from ntkdyn.trainer.distributed import Dist, init_distributed
+from ntkdyn.trainer.distributed import Dist, init_distributed, leave_process_group
 from ntkdyn.trainer.loop import Trainer
 from ntkdyn.world import Prompt, ShapesWorld
 
@@ -252,6 +252,7 @@ def run(cfg: RunConfig) -> dict:
         n: p.detach().to("cpu", copy=True) for n, p in adapter.model.named_parameters() if p.requires_grad
     }
     final = trainer.train(before, resume=cfg.resume)
+    del trainer  # its DDP wrapper must be gone before the process group is (leave_process_group)
     after = {k: v for k, v in final.items() if k not in ("step", "selection")}
     end = {}
     if dist.is_main:
@@ -274,7 +275,7 @@ def run(cfg: RunConfig) -> dict:
         plot_run(run_dir.root)
         print(f"run directory: {run_dir.root} (figures in {run_dir.figures})")
     if dist.enabled:
-        torch.distributed.destroy_process_group()
+        leave_process_group()
     return summary
 
 

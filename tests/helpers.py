@@ -4,6 +4,7 @@ adapter (Janus, Emu3) must have, a tiny eager Llama, and a tolerant comparison o
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -182,6 +183,22 @@ def assert_same_gradient_stores(a, b, steps: int) -> list:
         for key, rows in x.features.items():
             torch.testing.assert_close(y.features[key], rows, rtol=1e-4, atol=1e-4 * float(rows.abs().max()))
     return first
+
+
+def spawn_workers(fn, args: tuple, processes: int, timeout: float = 300) -> None:
+    """fn(rank, *args) in ``processes`` spawned processes (spawn, not fork: a child forked from a parent whose
+    OpenMP pool is live can deadlock). A child's error is raised here; children still running after
+    ``timeout`` seconds are killed and the test fails, so that a hang (a collective, a teardown) fails the
+    test instead of holding the suite."""
+    context = torch.multiprocessing.start_processes(
+        fn, args=args, nprocs=processes, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{processes} processes of {fn.__name__} still running after {timeout} s")
 
 
 def torchrun_track(args: list[str], out, processes: int = 2) -> None:

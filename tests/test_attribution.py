@@ -11,12 +11,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import spawn_workers
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ntkdyn.analysis.attribution import BEFORE_ATTACH, L2_WEIGHT_DECAY, SourceAttribution, UpdateParts
+from ntkdyn.trainer.distributed import leave_process_group
 
 DT = torch.float64
 TOL = 1e-10  # float64: the split adds only rounding (~1e-15); anything structural is >> 1e-10
@@ -460,15 +461,13 @@ def ddp_worker(rank: int, init_file: str, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     runs = {average: ddp_run(rank, average) for average in (True, False)}
     torch.save(runs, f"{out_file}.{rank}")
-    dist.destroy_process_group()
+    leave_process_group()  # each run's DDP wrapper is gone with ddp_run
 
 
 def test_ddp_no_sync_split_equals_one_process(tmp_path):
     """Under no_sync only the last backward all-reduces (and carries the other ranks' earlier
     micro-batches): averaging the gathered source gradients gives the one-process split again."""
-    # spawn, not fork: a forked child can deadlock on the parent's OpenMP pool
-    args = (str(tmp_path / "init"), str(tmp_path / "parts"))
-    mp.start_processes(ddp_worker, args=args, nprocs=WORLD, start_method="spawn")
+    spawn_workers(ddp_worker, (str(tmp_path / "init"), str(tmp_path / "parts")), processes=WORLD)
     one = ddp_run(-1, average=False)
     for rank in range(WORLD):
         runs = torch.load(tmp_path / f"parts.{rank}", weights_only=True)

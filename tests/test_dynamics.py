@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import spawn_workers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ntkdyn import ProjectionConfig, exact_ntk
@@ -20,6 +21,7 @@ from ntkdyn.analysis.tracker import DynamicsTracker
 from ntkdyn.models.toy import ToyAdapter
 from ntkdyn.rundir import RunDir, kernel_key, ntk_key, read_jsonl, truncate_tracking
 from ntkdyn.shapes_probes import load_probes, probe_groups, save_probes, select_probes
+from ntkdyn.trainer.distributed import leave_process_group
 
 
 def float64_llama() -> LlamaForCausalLM:
@@ -337,16 +339,14 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     loss_fn(ddp, local).mean().backward()  # DDP averages the ranks' gradients: the global mean loss
     opt.step()
     tracker.after_step(1, raw, 0.05)
-    torch.distributed.destroy_process_group()
+    del ddp  # before the process group (leave_process_group)
+    leave_process_group()
 
 
 def test_ddp_gathers_training_features_and_rank0_writes(tmp_path):
     """Two gloo processes, each with half of the batch: the kernel form over the gathered training
     features equals the exact first order of the DDP update (SGD), and only rank 0 wrote."""
-    # spawn, not fork: a child forked from a parent whose OpenMP pool is live can deadlock
-    torch.multiprocessing.start_processes(
-        _ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "run")), nprocs=2, start_method="spawn"
-    )
+    spawn_workers(_ddp_worker, (2, str(tmp_path / "init"), str(tmp_path / "run")), processes=2)
     rows = read_jsonl(tmp_path / "run" / "dynamics.jsonl")
     assert len(rows) == 4  # one writer
     assert {u for r in rows for _, u, _ in r["top_train"]} <= set(range(6))
