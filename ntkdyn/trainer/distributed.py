@@ -86,7 +86,8 @@ def leave_process_group() -> None:
     """destroy_process_group, once every DistributedDataParallel wrapper is gone (drop them first; garbage
     in reference cycles is collected here). A process group that DDP's reducer frees is destroyed while
     the GIL is held, and a gloo worker thread may still need the GIL to release a finished collective's
-    tensors: a deadlock (a DDP test of this project's suite hung in 2 of 5 runs with the other order) or
-    an abort at exit. destroy_process_group releases the GIL while it frees the group."""
+    tensors: a deadlock (with the other order a two-process test hung in 2 of 5 runs of the test suite or
+    its first 109 tests) or an abort at exit. destroy_process_group releases the GIL while it frees the
+    group."""
     gc.collect()
     dist.destroy_process_group()
