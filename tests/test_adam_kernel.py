@@ -4,6 +4,8 @@ an independent float64 recomputation from torch.optim.AdamW's own state."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import assert_same_gradient_stores, torchrun_track
@@ -13,7 +15,7 @@ from ntkdyn import ProjectionConfig
 from ntkdyn.analysis.probes import ProbeGroup
 from ntkdyn.analysis.projector import GradientProjector
 from ntkdyn.analysis.tracker import DynamicsTracker
-from ntkdyn.rundir import kernel_key
+from ntkdyn.rundir import kernel_key, load_metadata
 
 
 def _ids(seed: int, n: int = 3, length: int = 6) -> torch.Tensor:
@@ -165,9 +167,26 @@ def test_tracker_splits_the_adamw_step_and_its_kernel_matches_explicit_precondit
             for n, p in params.items():
                 p.copy_(before[n])
         probe_grads = _per_sample_grads(model, sequence_logprob, probes[0].batch)
-        want = {}
+        want, want_layers = {}, {}
         for name, fn in sources.items():
             train_grads = _per_sample_grads(model, fn, batch)
+            want_layers[
+                name
+            ] = {  # per tracked parameter n: Σ_u <∇f(o), ∇l(u)>_n, and c_s(o, u) summed over u
+                "Klayers": [
+                    [sum(float((go[n] * gu[n]).sum()) for gu in train_grads) for n in params]
+                    for go in probe_grads
+                ],
+                "Clayers": [
+                    [
+                        scale
+                        / len(train_grads)
+                        * sum(float((go[n] * gu[n] / denominator[n]).sum()) for gu in train_grads)
+                        for n in params
+                    ]
+                    for go in probe_grads
+                ],
+            }
             want[name] = torch.tensor(
                 [
                     scale
@@ -229,11 +248,18 @@ def test_tracker_splits_the_adamw_step_and_its_kernel_matches_explicit_precondit
         torch.tensor([[r["predicted_kernel"], r["predicted_current"]] for r in logged], dtype=torch.float64),
     )
 
-    kernels = load_file(str(tmp_path / "kernels" / "step_000004.safetensors"))
+    path = tmp_path / "kernels" / "step_000004.safetensors"
+    kernels = load_file(str(path))
     contributions = kernels[kernel_key("C", "gen", "train_gen")]  # c_gen(o, u) [probes, B]
     layers = kernels[kernel_key("Clayers", "gen", "train_gen")]  # Σ_u c_gen(o, u) per parameter
     assert contributions.shape == (4, 3) and layers.shape == (4, len(params))
     torch.testing.assert_close(layers.sum(1), contributions.sum(1), rtol=1e-5, atol=1e-9)
+    order = [list(params).index(n) for n in json.loads(load_metadata(path)["layers"])]
+    for source in sources:  # each parameter's block against the explicit gradients of step 4
+        for kind in ("Klayers", "Clayers"):
+            expected = torch.tensor(want_layers[source][kind], dtype=torch.float64)[:, order]
+            got = kernels[kernel_key(kind, "gen", f"train_{source}")].double()
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
     torch.testing.assert_close(
         contributions.sum(1).double(),
         torch.tensor([r["predicted_kernel_by_source"]["gen"] for r in rows], dtype=torch.float64),

@@ -77,6 +77,33 @@ def test_preconditioned_and_plain_features_from_one_recording():
     assert measured.dots is None
 
 
+@pytest.mark.parametrize("kind", ["kronecker", "dense"])
+def test_workspace_matrices_are_reused_and_give_the_same_features(kind):
+    """per_sample_all(workspace=...) writes the features into the workspace's matrices: equal to fresh
+    ones bit for bit, the same memory on the next call of that batch size (overwritten), new matrices for
+    another batch size."""
+    model = float64_llama()
+    batches = [
+        {"input_ids": torch.randint(0, 11, (B, 6), generator=torch.Generator().manual_seed(B))}
+        for B in (3, 3, 2)
+    ]
+    projector = GradientProjector(model, ProjectionConfig(kind=kind, k=4))
+    g = torch.Generator().manual_seed(3)
+    d = {n: torch.rand(p.shape, generator=g, dtype=p.dtype) + 0.1 for n, p in model.named_parameters()}
+    workspace: dict[str, torch.Tensor] = {}
+    pointers = []
+    for batch in batches:
+        fresh = projector.per_sample_all(sequence_logprob, batch, precondition=d)
+        reused = projector.per_sample_all(sequence_logprob, batch, precondition=d, workspace=workspace)
+        assert (
+            reused.features is workspace["features"] and reused.preconditioned is workspace["preconditioned"]
+        )
+        torch.testing.assert_close(reused.features, fresh.features, rtol=0, atol=0)
+        torch.testing.assert_close(reused.preconditioned, fresh.preconditioned, rtol=0, atol=0)
+        pointers.append((reused.features.data_ptr(), reused.preconditioned.data_ptr()))
+    assert pointers[0] == pointers[1] and pointers[2] != pointers[1]
+
+
 def test_tangents_must_cover_the_tracked_parameters():
     model = float64_llama()
     batch = {"input_ids": torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(4))}

@@ -72,6 +72,7 @@ from torch import nn
 
 from ntkdyn.analysis.attribution import SourceAttribution
 from ntkdyn.analysis.distributed import all_gather_rows, rank_and_world, unwrap
+from ntkdyn.analysis.feature_products import FeatureProducts, feature_products
 from ntkdyn.analysis.measuring import measuring, parameters_at
 from ntkdyn.analysis.probes import TRAIN, Fn, ProbeGroup
 from ntkdyn.analysis.projector import GradientProjector, ProjectionConfig
@@ -168,6 +169,9 @@ class DynamicsTracker:
         self.rank, _ = rank_and_world()
         self.attribution: SourceAttribution | None = None
         self._pending: _Pending | None = None
+        # per probe group / training micro-batch: the [B, D] feature matrices of the last tracked step,
+        # overwritten by the next (per_sample_all's workspace: fresh ones would cost page faults each step)
+        self._workspaces: dict[tuple, dict[str, torch.Tensor]] = {}
         if self.rank == 0:
             self.run.kernels.mkdir(parents=True, exist_ok=True)
         self._probe_log = JsonlLog(self.run.dynamics, enabled=self.rank == 0)
@@ -273,7 +277,12 @@ class DynamicsTracker:
             preconditioned: dict[str, list[torch.Tensor]] = {}
             with parameters_at(self.model, pending.before):
                 for g in self.probes:
-                    measured = self.projector.per_sample_all(g.fn, g.batch, tangents=[delta, *parts.values()])
+                    measured = self.projector.per_sample_all(
+                        g.fn,
+                        g.batch,
+                        tangents=[delta, *parts.values()],
+                        workspace=self._workspace("probe", g.name),
+                    )
                     pending.features[g.name] = measured.features
                     f_before[g.name], dots[g.name] = measured.values, measured.dots
                 for source in dict.fromkeys([*pending.train_batches, *pending.recorded]):
@@ -286,10 +295,10 @@ class DynamicsTracker:
                 with torch.no_grad():
                     f_after = g.fn(model, g.batch).detach()
                 values[g.name] = (f_before[g.name], f_after, dots[g.name][:, 0])
-        split = self._split(pending, list(parts), dots, preconditioned, reference)
-        index, gram = self._gram(pending, p_delta)
-        rows = self._probe_rows(pending, values, index, gram, split)
-        kernel_row, tensors = self._kernels(pending, index, gram, rows, split)
+        index, products = self._products(pending, p_delta, preconditioned)
+        split = self._split(list(parts), dots, index, products, reference)
+        rows = self._probe_rows(pending, values, index, products.gram, split)
+        kernel_row, tensors = self._kernels(pending, index, products, rows, split)
         self._window(pending, p_delta, rows, kernel_row, tensors)
         if self.rank == 0:
             self._write(rows, kernel_row, tensors, step)
@@ -303,14 +312,18 @@ class DynamicsTracker:
         full recording at θ_before (the caller sets the parameters back)."""
         entries = pending.recorded.get(source) or [(fn, b, None) for fn, b in pending.train_batches[source]]
         plain, conditioned = [], []
-        for fn, batch, capture in entries:
-            measured = None if capture is None else capture.features(precondition)
+        for i, (fn, batch, capture) in enumerate(entries):
+            workspace = self._workspace(TRAIN, source, i)
+            measured = None if capture is None else capture.features(precondition, workspace)
             if measured is None:
-                measured = self.projector.per_sample_all(fn, batch, precondition)
+                measured = self.projector.per_sample_all(fn, batch, precondition, workspace=workspace)
             plain.append(measured.features)
             conditioned.append(measured.preconditioned)
         gathered = all_gather_rows(_rows(plain))
         return gathered, None if precondition is None else all_gather_rows(_rows(conditioned))
+
+    def _workspace(self, *key: str | int) -> dict[str, torch.Tensor]:
+        return self._workspaces.setdefault(key, {})
 
     def summary(self) -> dict:
         """summarize_dynamics of every probe row written so far (the whole run, across resumes)."""
@@ -330,7 +343,8 @@ class DynamicsTracker:
         start_step = self.window_start(pending.step)
         if self.window > 1 and pending.step == start_step:
             probe_blocks = {k: v for k, v in tensors.items() if k.startswith("K/") and not _has_train(k)}
-            self._start = (start_step, dict(pending.features), probe_blocks)
+            features = {name: x.clone() for name, x in pending.features.items()}  # not the workspaces'
+            self._start = (start_step, features, probe_blocks)
         start = self._start if self.window > 1 and self._start and self._start[0] == start_step else None
         frozen = None
         if start is not None:
@@ -383,50 +397,49 @@ class DynamicsTracker:
 
     def _split(
         self,
-        pending: _Pending,
         parts: list[str],
         dots: dict[str, torch.Tensor],
-        preconditioned: dict[str, list[torch.Tensor]],
+        index: dict[str, torch.Tensor],
+        products: FeatureProducts,
         reference: float,
     ) -> _Split | None:
         """The parts' first-order changes per probe group (columns 1.. of ``dots``: column 0 is Δθ) and,
         with preconditioned training features φ_D (at θ_before), the Adam-aware contributions
         c_s(o, u) = reference / B · <φ(o), φ_D(l_s(u))> (reference = the step's current_scale, per
-        parameter folded into D). None when the step was not split."""
+        parameter folded into D) and their sums per tracked parameter. None when the step was not split."""
         if not parts:
             return None
         jvps = {g.name: {part: dots[g.name][:, 1 + i] for i, part in enumerate(parts)} for g in self.probes}
         split = _Split(jvps, {g.name: {} for g in self.probes}, {g.name: {} for g in self.probes})
-        slices = self.projector.feature_slices()
-        phis = {source: _rows(x) for source, x in preconditioned.items()}
-        scales = {source: reference / phi.shape[0] for source, phi in phis.items()}
-        summed = torch.stack([phi.sum(0) for phi in phis.values()]) if phis else None
-        for g in self.probes:
-            features = pending.features[g.name]
-            for source, phi in phis.items():
-                split.contributions[g.name][source] = scales[source] * _cross(features, phi)
-            if slices is not None and summed is not None:
-                blocks = _per_block(features, summed, slices)
-                for i, source in enumerate(phis):
-                    split.layers[g.name][source] = scales[source] * blocks[i]
+        for source, products_s in products.conditioned.items():
+            scale = reference / products_s.shape[1]
+            for g in self.probes:
+                split.contributions[g.name][source] = scale * products_s[index[g.name]]
+                if source in products.conditioned_layers:
+                    split.layers[g.name][source] = scale * products.conditioned_layers[source][index[g.name]]
         return split
 
-    def _gram(self, pending: _Pending, p_delta: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """One Gram matrix G = F F^T (float64 on CPU) of all features F = [φ of every probe group;
-        φ_l of each training source's samples; P Δθ]: every kernel entry and every feature prediction is
-        an entry of G. index: group name / train_measurement(source) / "delta" -> rows of F."""
-        train = {train_measurement(s): _rows(x) for s, x in pending.train_features.items()}
-        parts = [pending.features[g.name] for g in self.probes] + list(train.values()) + [p_delta[None]]
-        gram = _gram_of(parts)
+    def _products(
+        self, pending: _Pending, p_delta: torch.Tensor, preconditioned: dict[str, list[torch.Tensor]]
+    ) -> tuple[dict[str, torch.Tensor], FeatureProducts]:
+        """feature_products of the step: the Gram matrix G = F F^T (float64 on CPU) of all features F = [φ
+        of every probe group; φ_l of each training source's samples; P Δθ] (every kernel entry and every
+        feature prediction is an entry of G), the probes' products with the preconditioned training
+        features, and both per tracked parameter. index: group name / train_measurement(source) /
+        "delta" -> rows of F."""
+        train = {s: _rows(x) for s, x in pending.train_features.items()}
+        probes = [pending.features[g.name] for g in self.probes]
+        conditioned = {s: _rows(x) for s, x in preconditioned.items()}
+        products = feature_products(probes, train, p_delta, conditioned, self.projector.feature_slices())
         index: dict[str, torch.Tensor] = {}
         start = 0
-        for name, n in [(g.name, pending.features[g.name].shape[0]) for g in self.probes] + [
-            (m, x.shape[0]) for m, x in train.items()
+        for name, n in [(g.name, x.shape[0]) for g, x in zip(self.probes, probes, strict=True)] + [
+            (train_measurement(s), x.shape[0]) for s, x in train.items()
         ]:
             index[name] = torch.arange(start, start + n)
             start += n
         index["delta"] = torch.tensor([start])
-        return index, gram
+        return index, products
 
     def _probe_rows(
         self,
@@ -487,7 +500,7 @@ class DynamicsTracker:
         self,
         pending: _Pending,
         index: dict[str, torch.Tensor],
-        gram: torch.Tensor,
+        products: FeatureProducts,
         rows: list[ProbeRow],
         split: _Split | None,
     ) -> tuple[KernelRow, dict[str, torch.Tensor]]:
@@ -510,6 +523,7 @@ class DynamicsTracker:
         for m in train_ms:
             rows_of[m] = index[m]
         order = list(rows_of)
+        gram = products.gram
         diag = torch.diagonal(gram)
         norms = {m: diag[idx] for m, idx in rows_of.items()}
         tensors: dict[str, torch.Tensor] = {}
@@ -523,7 +537,7 @@ class DynamicsTracker:
                 )
         for a in order:
             row[ntk_key("norm", a)] = float(norms[a].sqrt().mean())
-        self._source_blocks(pending, rows_of, probe_ms, split, tensors)
+        self._source_blocks(pending, index, probe_ms, products, split, tensors)
         for i, a in enumerate(probe_ms):
             for b in probe_ms[:i]:
                 if rows_of[a].numel() == rows_of[b].numel():
@@ -554,31 +568,26 @@ class DynamicsTracker:
     def _source_blocks(
         self,
         pending: _Pending,
-        rows_of: dict[str, torch.Tensor],
+        index: dict[str, torch.Tensor],
         probe_ms: list[str],
+        products: FeatureProducts,
         split: _Split | None,
         tensors: dict[str, torch.Tensor],
     ) -> None:
         """C/m,t (c_s(o, u)), Klayers/m,t and Clayers/m,t (per tracked parameter) into ``tensors``."""
-        slices = self.projector.feature_slices()
-        sources = list(pending.train_features)
-        per_block = {}
-        if slices is not None and sources:
-            summed = torch.stack([sum(x.sum(0) for x in pending.train_features[s]) for s in sources])
-            per_block = {g.name: _per_block(pending.features[g.name], summed, slices) for g in self.probes}
         for m in probe_ms:
             groups = [g for g in self.probes if g.measurement == m]
-            for i, source in enumerate(sources):
+            for source in pending.train_features:
                 t = train_measurement(source)
-                if per_block:
+                if source in products.layers:
                     tensors[kernel_key("Klayers", m, t)] = torch.cat(
-                        [per_block[g.name][i] for g in groups]
+                        [products.layers[source][index[g.name]] for g in groups]
                     ).float()
                 if split is not None and source in split.contributions[groups[0].name]:
                     tensors[kernel_key("C", m, t)] = torch.cat(
                         [split.contributions[g.name][source] for g in groups]
                     ).float()
-                    if slices is not None:
+                    if source in split.layers[groups[0].name]:
                         tensors[kernel_key("Clayers", m, t)] = torch.cat(
                             [split.layers[g.name][source] for g in groups]
                         ).float()
@@ -629,36 +638,14 @@ def _has_train(key: str) -> bool:
     return any(m == TRAIN or m.startswith(f"{TRAIN}_") for m in key.split("/", 1)[1].split(","))
 
 
-def _cross(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """a b^T (a a^T when b is None) [n_a, n_b] in float64 on CPU: products in the features' dtype (at
-    least float32) over column chunks of 2^16, summed in float64 (accurate without a float64 copy)."""
-    b = a if b is None else b
+def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a b^T [n_a, n_b] in float64 on CPU: products in the features' dtype (at least float32) over column
+    chunks of 2^16, summed in float64 (accurate without a float64 copy)."""
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64)
     for ca, cb in zip(a.to(dtype).split(1 << 16, dim=1), b.to(dtype).split(1 << 16, dim=1), strict=True):
         out += (ca @ cb.T).double().cpu()
     return out
-
-
-def _gram_of(parts: list[torch.Tensor]) -> torch.Tensor:
-    """F F^T for F = the parts stacked by rows (float64, CPU, as _cross), block by block without
-    stacking them, each block above the diagonal computed once."""
-    sizes = [p.shape[0] for p in parts]
-    gram = torch.zeros(sum(sizes), sum(sizes), dtype=torch.float64)
-    starts = [sum(sizes[:i]) for i in range(len(parts))]
-    for i, a in enumerate(parts):
-        for j in range(i, len(parts)):
-            block = _cross(a, parts[j])
-            rows, cols = slice(starts[i], starts[i] + sizes[i]), slice(starts[j], starts[j] + sizes[j])
-            gram[rows, cols] = block
-            gram[cols, rows] = block.T
-    return gram
-
-
-def _per_block(features: torch.Tensor, summed: torch.Tensor, slices: dict[str, slice]) -> torch.Tensor:
-    """[S, B, P]: <φ_b, summed_s> restricted to each tracked parameter's columns (float64, CPU, as
-    _cross), for features [B, D] and summed [S, D] (the features are read once for all S)."""
-    return torch.stack([_cross(summed[:, sl], features[:, sl]) for sl in slices.values()], dim=2)
 
 
 def _top(

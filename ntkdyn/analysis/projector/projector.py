@@ -179,6 +179,7 @@ class GradientProjector:
         batch: Any,
         precondition: dict[str, torch.Tensor] | None = None,
         tangents: Sequence[dict[str, torch.Tensor]] = (),
+        workspace: dict[str, torch.Tensor] | None = None,
     ) -> PerSample:
         """Everything one recording of fn gives (the forward and backward passes of :meth:`per_sample`
         once): values [B] (fn's values), features [B, D] (= per_sample(fn, batch), self-checked on the
@@ -186,13 +187,18 @@ class GradientProjector:
         precondition)), and with ``tangents`` (K updates, each name -> tensor shaped like the parameter for
         every tracked parameter, as project_update's delta) also dots [B, K] float64: the exact
         <grad fn[b], t_k>, the first-order change of fn[b] along t_k (what forward-mode AD along t_k gives,
-        to float rounding; sketches.TangentDots), for all K at once."""
+        to float rounding; sketches.TangentDots), for all K at once.
+
+        workspace: a dict the caller keeps from call to call. The features (and preconditioned) are written
+        into the matrices it holds where their shapes match, else new ones are made and kept there: the
+        returned matrices are the workspace's, overwritten by the next call with it (a caller that calls
+        again with the same batch size allocates no [B, D] memory)."""
         views = self._views(precondition, tangents)
         accs, values = self._blocks(fn, batch, views)
         if self.config.self_check and not any(f is fn for f in self._checked):
             self._compare(fn, batch, accs[0], values)
             self._checked.append(fn)
-        finished = self._finish(views, accs, values.shape[0], values.device)
+        finished = self._finish(views, accs, values.shape[0], values.device, workspace)
         return PerSample(
             values=values,
             features=finished[0],
@@ -347,10 +353,27 @@ class GradientProjector:
                     "gradients need its value at the time of the call"
                 )
 
-    def _finish(self, views: Sequence[View], accs: list[dict[str, torch.Tensor]], B: int, device) -> list:
-        """Every view's blocks finished to rows ([B, D] or [B, K]); FloatingPointError naming the tracked
+    def _finish(
+        self,
+        views: Sequence[View],
+        accs: list[dict[str, torch.Tensor]],
+        B: int,
+        device,
+        workspace: dict[str, torch.Tensor] | None = None,
+    ) -> list:
+        """Every view's blocks finished to rows ([B, D] or [B, K]; the Sketch views' into ``workspace``'s
+        "features" and "preconditioned" matrices: per_sample_all); FloatingPointError naming the tracked
         parameters whose per-sample blocks are not finite."""
-        finished = [sketch.finish(acc, B, device) for (sketch, _), acc in zip(views, accs, strict=True)]
+        finished = []
+        for (sketch, precondition), acc in zip(views, accs, strict=True):
+            if workspace is None or not isinstance(sketch, Sketch):
+                finished.append(sketch.finish(acc, B, device))
+                continue
+            role = "features" if precondition is None else "preconditioned"
+            out, wanted = workspace.get(role), ((B, sketch.feature_dim), sketch.dtype, device)
+            if out is None or (out.shape, out.dtype, out.device) != wanted:
+                out = workspace[role] = torch.empty(wanted[0], dtype=sketch.dtype, device=device)
+            finished.append(sketch.finish(acc, B, device, out))
         # a NaN or Inf anywhere makes the sum non-finite (so may an overflow of the sum: then look closer)
         if not bool(finished[0].sum().isfinite()) and not bool(finished[0].isfinite().all()):
             bad = [f"{n} ({self._modules_of(n)})" for n, v in accs[0].items() if not v.isfinite().all()]

@@ -235,28 +235,41 @@ class Sketch:
         )
         return out.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, gf.shape[-1]), gf)
 
-    def finish(self, acc: dict[str, torch.Tensor | None], B: int, device: torch.device) -> torch.Tensor:
-        """Scale, second stage / dense JL, concatenate: blocks [B, k0, k1] (None = zero) -> [B, D]."""
+    def finish(
+        self,
+        acc: dict[str, torch.Tensor | None],
+        B: int,
+        device: torch.device,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scale, second stage / dense JL, concatenate: blocks [B, k0, k1] (None = zero) -> [B, D]; written
+        into ``out`` (a [B, D] matrix of :attr:`dtype`, overwritten) when given."""
+        if out is None:
+            out = torch.empty(B, self.feature_dim, dtype=self.dtype, device=device)
+        elif out.shape != (B, self.feature_dim) or out.dtype != self.dtype:
+            raise ValueError(
+                f"Sketch.finish: out is {tuple(out.shape)} {out.dtype}, the features are "
+                f"{(B, self.feature_dim)} {self.dtype}"
+            )
         if self.config.kind == "dense":
-            features = torch.zeros(B, self.feature_dim, dtype=self.dtype, device=device)
+            out.zero_()
             for name in self.blocks:
                 if acc.get(name) is not None:
-                    features += self._dense_jl(name, acc[name].reshape(B, -1))
-            return features
-        features = torch.empty(B, self.feature_dim, dtype=self.dtype, device=device)
+                    out += self._dense_jl(name, acc[name].reshape(B, -1))
+            return out
         start = 0
         for name, block in self.blocks.items():
-            out, start = features[:, start : start + block.out_size], start + block.out_size
+            part, start = out[:, start : start + block.out_size], start + block.out_size
             value = acc.get(name)
             if value is None:
-                out.zero_()
+                part.zero_()
                 continue
             flat = value.reshape(B, -1).to(self.dtype)
             scale = self._kron_scale(block) if self.config.kind == "kronecker" else 1
             if block.out_size < flat.shape[1]:
                 flat = self._second_stage(name, flat, block.out_size)
-            torch.mul(flat, scale, out=out)  # each block written once, in place
-        return features
+            torch.mul(flat, scale, out=part)  # each block written once, in place
+        return out
 
     def _kron_scale(self, block: Block) -> float:
         """1/sqrt(k) per projected axis, so that E[(P^T x)^T (P^T y)] / k = x^T y."""

@@ -139,12 +139,17 @@ class StepCapture:
         if self._eager:  # let go of the item's inputs and outputs: autograd frees them as in a plain backward
             self._run.items[i] = None
 
-    def features(self, precondition: dict[str, torch.Tensor] | None = None) -> PerSample | None:
+    def features(
+        self,
+        precondition: dict[str, torch.Tensor] | None = None,
+        workspace: dict[str, torch.Tensor] | None = None,
+    ) -> PerSample | None:
         """values, features [B, D] and, with ``precondition`` (not in eager mode), preconditioned [B, D],
-        as GradientProjector.per_sample_all gives them; None when this capture cannot give them (module
-        docstring). Tokens with zero output-gradient are not masked (Sketch.keeping_zero_tokens): the
-        caller's own backward multiplied every activation by its output-gradient, so a non-finite one
-        there made the step's gradient non-finite too, and the features' finiteness check names it."""
+        as GradientProjector.per_sample_all gives them (written into ``workspace`` as there); None when
+        this capture cannot give them (module docstring). Tokens with zero output-gradient are not masked
+        (Sketch.keeping_zero_tokens): the caller's own backward multiplied every activation by its
+        output-gradient, so a non-finite one there made the step's gradient non-finite too, and the
+        features' finiteness check names it."""
         from ntkdyn.analysis.projector.projector import PerSample
 
         if self._eager and precondition is not None:
@@ -167,7 +172,7 @@ class StepCapture:
         if self._failed:
             return None
         B, w = run.values.shape[0], self._weights
-        finished = p._finish(views, accs, B, run.values.device)
+        finished = p._finish(views, accs, B, run.values.device, workspace)
         if self._scale_at_end:  # row b of every block is linear in sample b's output-gradients
             finished = [rows.div_(w.to(rows.device, rows.dtype)[:, None]) for rows in finished]
         return PerSample(
