@@ -1,26 +1,26 @@
-"""Tracking cost and prediction quality: plain, stored and tracked steps of the same run.
+"""Tracking cost and prediction quality: plain, stored and tracked steps of the default run's training.
 
 The default toy unified model (ToyConfig size, randomly initialised from seed 0, or a saved one
 with --model-dir) trains with the default DPO objective of ``python -m ntkdyn.track --run dpo``
 (AdamW at its default lr, beta, understanding anchor; batch of --batch pairs), each step as the trainer
 runs it (trainer/loop.py: one forward and backward per loss source inside the split's context and the
-hooks' ``recording``, clip, AdamW). Steps come in triples on one batch each (a step's cost depends on
-its batch's lengths): a tracked step on a fresh batch, as in a run, then a plain and a stored step on the
-same batch, timed on the same model in the same process:
-  plain    no hook (the step is split by loss source on every step: SourceAttribution's cost included)
-  stored   the gradient store (analysis/gradient_store.py, --store-k): every training sample's projected
-           gradient captured from the step's own forward and backward and written to the run directory
-  tracked  the tracker (before_step, the step, after_step): the probes' features and exact first order
-           along every part of the split update (one recording per probe group), the training features
-           and preconditioned features from the step's own backward, the Gram matrix, rows and kernels
-The first triple is not timed (it calibrates the sample layouts with a full recording).
+hooks' ``recording``, clip, AdamW; the step is split by loss source on every step: SourceAttribution's
+cost is in every step). A step's cost depends on its batch's lengths, so every ratio is of steps on the
+same batch, and the medians over the batches carry a 95% percentile-bootstrap interval.
+  store    the gradient store alone (analysis/gradient_store.py, --store-k; no tracker in the process):
+           every training sample's projected gradient captured from the step's own forward and backward
+           and written to the run directory; pairs of a plain and a stored step, in alternating order
+  tracked  per projection size and probe count: rounds of a tracked step on a fresh batch (as in a run:
+           the probes' features and exact first order along every part of the split update, one recording
+           per probe group; the training features and preconditioned features from the step's own
+           backward; every feature product, rows and kernels), then two plain steps on that batch: the
+           first pays what the tracked step leaves behind (its freed memory faulted back: up to +25% here
+           with a small tracker), the second is steady. tracked / plain = (tracked + after - plain) / plain
 Times are CPU time of this process (time.process_time, summed over its threads), which other processes
-sharing the machine do not inflate the way they inflate wall-clock time. For every projection size
-and probe count of the grid, it prints the median step times, the store's overhead and the tracked /
-plain ratio (medians over the batches of each step's ratio to its batch's plain step), the Pearson
-correlation of predicted with observed change (exact first order, features) and of the kernel forms
-(Adam-aware kernel, SGD form) with the exact current-step part, per branch over the run's tracked steps,
-as a Markdown table.
+sharing the machine do not inflate the way they inflate wall-clock time. Per configuration it also prints
+the Pearson correlation of predicted with observed change (exact first order, features) and of the
+kernel forms (Adam-aware kernel, SGD form) with the exact current-step part, per branch over the tracked
+steps, as a Markdown table.
 
     python benchmarks/tracking.py --ks 64 128 --probes 2 8  # the grid of BENCHMARKS.md
     python benchmarks/tracking.py --ks 128 --probes 8 --model-dir ntkdyn/models/pretrained/toy  # default
@@ -39,8 +39,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ntkdyn.analysis.attribution import SourceAttribution
 from ntkdyn.analysis.gradient_store import GradientStore
 from ntkdyn.analysis.projector import ProjectionConfig
+from ntkdyn.analysis.statistics import Interval, bootstrap_ci
 from ntkdyn.analysis.summary import summarize_dynamics
 from ntkdyn.config import TrackingConfig
 from ntkdyn.models.scenes import oracle_of_images, world_images
@@ -99,74 +101,85 @@ def dpo_batch(
     return batch
 
 
+class ToyStep:
+    """The default DPO run's model, data and optimizer on the toy, and its training step as the trainer runs
+    it (trainer/loop.py Trainer.backward: one forward and backward per loss source inside the split's
+    context and every hook's ``recording``, clip, AdamW), timed in CPU seconds."""
+
+    def __init__(self, model_dir: str | None, batch_size: int):
+        self.cfg = cfg = TrainConfig(run="dpo")
+        self.adapter, self.reference = build_adapter(model_dir), build_adapter(model_dir)
+        self.model = self.adapter.model
+        terms = source_terms(self.adapter, "dpo", cfg.beta, cfg.nll_weight, cfg.understanding_weight)
+        self.loss_fns = source_loss_fns(terms)
+        self.anchor = None
+        if cfg.understanding_weight:
+            train = self.adapter.world.prompts("train")
+            self.anchor = anchor_pool(
+                self.adapter, self.adapter.world, train, cfg.anchor_pool, cfg.anchor, cfg.seed
+            )
+        self.batch_size = batch_size
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.split: SourceAttribution | None = None
+        self.model.train()
+
+    def batch(self, seed: int) -> dict:
+        return dpo_batch(self.adapter, self.reference, self.batch_size, seed, self.cfg, self.anchor)
+
+    def __call__(self, step: int, batch: dict, hooks: list) -> float:
+        start = time.process_time()
+        for hook in hooks:
+            hook.before_step(step, self.model, self.loss_fns, batch)
+        self.opt.zero_grad(set_to_none=True)
+        for source, fn in self.loss_fns.items():
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(self.split.source(source))
+                watchers = [stack.enter_context(h.recording(step, source, fn, batch)) for h in hooks]
+                losses = fn(self.model, batch)
+                for watch in filter(None, watchers):
+                    watch(losses)
+                losses.mean().backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        for hook in hooks:
+            hook.after_step(step, self.model, self.cfg.lr)
+        return time.process_time() - start
+
+
 def run(
-    model_dir: str | None,
-    kind: str,
-    k: int | None,
-    per_category: int,
-    steps: int,
-    batch_size: int,
-    store_k: int,
+    model_dir: str | None, kind: str, k: int | None, per_category: int, rounds: int, batch_size: int
 ) -> dict:
-    cfg = TrainConfig(run="dpo")
-    adapter, reference = build_adapter(model_dir), build_adapter(model_dir)
-    model = adapter.model
-    terms = source_terms(adapter, "dpo", cfg.beta, cfg.nll_weight, cfg.understanding_weight)
-    loss_fns = source_loss_fns(terms)
-    anchor = None
-    if cfg.understanding_weight:
-        train = adapter.world.prompts("train")
-        anchor = anchor_pool(adapter, adapter.world, train, cfg.anchor_pool, cfg.anchor, cfg.seed)
-    records = pretrained_records(adapter, 4 * per_category)
+    """Tracked steps of one projection size and probe count: after two plain steps, per round a tracked step
+    on a fresh batch (as in a run), then two plain steps on the same batch, "after" (it pays what the
+    tracked step left behind: the tracker's freed memory faulted back) and "plain" (steady). The first
+    round is not timed. The model's trajectory is that of the earlier plain / stored / tracked triples."""
+    toy = ToyStep(model_dir, batch_size)
+    records = pretrained_records(toy.adapter, 4 * per_category)
     projection = ProjectionConfig(kind=kind, k=k)
     settings = TrackingConfig(track_every=3, projection=projection, probes_per_category=per_category)
-    times: dict[str, dict[int, float]] = {"plain": {}, "stored": {}, "tracked": {}}  # kind -> batch -> s
+    times: dict[str, list[float]] = {"tracked": [], "after": [], "plain": []}
     with tempfile.TemporaryDirectory(prefix="ntkdyn-bench-") as out:
-        tracker = build_tracker(adapter, adapter.world, out, settings, records)
-        store = GradientStore(model, out, ProjectionConfig(kind="kronecker", k=store_k))
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        split = tracker.attribute(opt, model.named_parameters(), tuple(loss_fns))
-        model.train()
-        for step in tqdm(range(1, steps + 1), desc=f"{kind} k={k} probes/cat={per_category}", leave=False):
-            kind_of_step = ("tracked", "plain", "stored")[step % 3]
-            hooks = {"tracked": [tracker], "stored": [store], "plain": []}[kind_of_step]
-            if kind_of_step == "tracked" or step == 1:  # a fresh batch for the tracked step, as in a run;
-                batch_id = step  # the plain and stored steps after it run on the same batch
-                batch = dpo_batch(adapter, reference, batch_size, step, cfg, anchor)
-            start = time.process_time()
-            for hook in hooks:
-                hook.before_step(step, model, loss_fns, batch)
-            opt.zero_grad(set_to_none=True)
-            for source, fn in loss_fns.items():  # the trainer's step (trainer/loop.py Trainer.backward)
-                with contextlib.ExitStack() as stack:
-                    stack.enter_context(split.source(source))
-                    watchers = [stack.enter_context(h.recording(step, source, fn, batch)) for h in hooks]
-                    losses = fn(model, batch)
-                    for watch in filter(None, watchers):
-                        watch(losses)
-                    losses.mean().backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            for hook in hooks:
-                hook.after_step(step, model, cfg.lr)
-            if step > 3:  # steps 1-3 warm up (first AdamW step, projection factors, the calibrations)
-                times[kind_of_step][batch_id] = time.process_time() - start
+        tracker = build_tracker(toy.adapter, toy.adapter.world, out, settings, records)
+        toy.split = tracker.attribute(toy.opt, toy.model.named_parameters(), tuple(toy.loss_fns))
+        warm = toy.batch(1)
+        for step in (1, 2):  # as in the grid's earlier tables: the first tracked step is AdamW's third
+            toy(step, warm, [])
+        for r in tqdm(range(1, rounds + 1), desc=f"{kind} k={k} probes/cat={per_category}", leave=False):
+            batch = toy.batch(3 * r)
+            for offset, name in enumerate(times):  # steps 3r, 3r+1, 3r+2: step 3r is tracked (every 3)
+                seconds = toy(3 * r + offset, batch, [tracker] if name == "tracked" else [])
+                if r > 1:  # round 1 calibrates the sample layouts with a full recording
+                    times[name].append(seconds)
         summary = summarize_dynamics(read_jsonl(RunDir(out).dynamics))
-        stored_rows = sum(1 for _ in RunDir(out).gradient_files())
+    # the tracked step's cost with the slowdown it leaves to the next step, over a steady plain step
+    ratios = [(t + a - p) / p for t, a, p in zip(*times.values(), strict=True)]
     return {
         "kind": kind,
         "k": k,
         "probes": sum(len(g.batch["prompts"]) for g in tracker.probes),
         "D": tracker.projector.feature_dim,
-        "store_D": store.projector.feature_dim,
-        "store_files": stored_rows,
-        **{f"{name}_s": statistics.median(values.values()) for name, values in times.items()},
-        **{  # median over the batches of the ratio to the same batch's plain step
-            f"{name}_ratio": statistics.median(
-                t / times["plain"][b] for b, t in times[name].items() if b in times["plain"]
-            )
-            for name in ("stored", "tracked")
-        },
+        **{f"{name}_s": statistics.median(values) for name, values in times.items()},
+        "tracked_ratio": median_interval(ratios),
         **{
             f"{b}_{name}": (summary[b] if name == "exact" else summary[b].get(name, {})).get(
                 "pearson", float("nan")
@@ -175,6 +188,43 @@ def run(
             for name in ("exact", "features", "kernel_vs_current", "sgd_vs_current")
         },
     }
+
+
+def store_overhead(model_dir: str | None, pairs: int, batch_size: int, store_k: int) -> dict:
+    """The gradient store alone (no tracker in the process): pairs of a plain and a stored step on the same
+    batch, in alternating order; the overhead is the median over the pairs of stored / plain - 1. The
+    first two pairs are not timed (the store's calibration)."""
+    toy = ToyStep(model_dir, batch_size)
+    toy.split = SourceAttribution(toy.opt, toy.model.named_parameters(), tuple(toy.loss_fns))
+    times: dict[str, list[float]] = {"plain": [], "stored": []}
+    with tempfile.TemporaryDirectory(prefix="ntkdyn-bench-") as out:
+        store = GradientStore(toy.model, out, ProjectionConfig(kind="kronecker", k=store_k))
+        step = 0
+        for i in tqdm(range(pairs + 2), desc=f"store k={store_k}", leave=False):
+            batch = toy.batch(1000 + i)
+            order = ("stored", "plain") if i % 2 else ("plain", "stored")
+            for name in order:
+                step += 1
+                seconds = toy(step, batch, [store] if name == "stored" else [])
+                if i >= 2:
+                    times[name].append(seconds)
+        files = sum(1 for _ in RunDir(out).gradient_files())
+    return {
+        "D": store.projector.feature_dim,
+        "files": files,
+        **{f"{name}_s": statistics.median(values) for name, values in times.items()},
+        "ratio": median_interval([s / p for s, p in zip(times["stored"], times["plain"], strict=True)]),
+    }
+
+
+def median_interval(values: list[float]) -> Interval:
+    """The median with its 95% percentile-bootstrap interval (1000 resamples of the batches)."""
+    return bootstrap_ci(lambda x: float(np.median(x)), np.asarray(values))
+
+
+def overhead(ratio: Interval) -> str:
+    """A ratio to the plain step as an overhead in percent, with its interval: "+25% [+18, +31]"."""
+    return f"{100 * (ratio.estimate - 1):+.0f}% [{100 * (ratio.lo - 1):+.0f}, {100 * (ratio.hi - 1):+.0f}]"
 
 
 def factored_errors(run_dir: str) -> None:
@@ -218,11 +268,9 @@ def main() -> None:
     parser.add_argument("--exact", action="store_true", help="also run kind='exact' (no projection)")
     parser.add_argument("--probes", type=int, nargs="+", default=[2, 8], help="probe pairs per category")
     parser.add_argument(
-        "--steps",
-        type=int,
-        default=15,
-        help="steps per configuration (cycling stored, plain, tracked; the first three untimed)",
+        "--rounds", type=int, default=15, help="tracked steps per configuration (the first untimed)"
     )
+    parser.add_argument("--store-pairs", type=int, default=30, help="timed plain/stored pairs of the store")
     parser.add_argument("--store-k", type=int, default=16, help="k of the gradient store's projection")
     parser.add_argument("--batch", type=int, default=32, help="DPO pairs per step")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU time = compute)")
@@ -236,24 +284,30 @@ def main() -> None:
     if args.factored_from:
         factored_errors(args.factored_from)
         return
+    store = store_overhead(args.model_dir, args.store_pairs, args.batch, args.store_k)
+    print(
+        f"gradient store (k = {args.store_k}, D = {store['D']}, {args.store_pairs} pairs): plain step "
+        f"{store['plain_s']:.3f} s, stored step {store['stored_s']:.3f} s, "
+        f"overhead {overhead(store['ratio'])}\n"
+    )
     configs = [("kronecker", k, p) for p in args.probes for k in args.ks]
     if args.exact:
         configs += [("exact", None, p) for p in args.probes]
     header = (
-        "| kind | k | probes | D | plain step (CPU s) | store k | store D | stored step (CPU s) "
-        "| store overhead | tracked step (CPU s) | tracked / plain "
+        "| kind | k | probes | D | plain step (CPU s) | step after a tracked one (CPU s) "
+        "| tracked step (CPU s) | tracked / plain "
         "| gen r exact | gen r features | gen r kernel~current | gen r sgd~current "
         "| und r exact | und r features | und r kernel~current | und r sgd~current |"
     )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for kind, k, p in configs:
-        r = run(args.model_dir, kind, k, p, args.steps, args.batch, args.store_k)
+        r = run(args.model_dir, kind, k, p, args.rounds, args.batch)
+        tracked = r["tracked_ratio"]
         print(
             f"| {r['kind']} | {r['k'] or '-'} | {r['probes']} | {r['D']} | {r['plain_s']:.3f} | "
-            f"{args.store_k} | {r['store_D']} | {r['stored_s']:.3f} | "
-            f"{100 * (r['stored_ratio'] - 1):+.0f}% | "
-            f"{r['tracked_s']:.2f} | {r['tracked_ratio']:.1f}x | "
+            f"{r['after_s']:.3f} | {r['tracked_s']:.2f} | "
+            f"{tracked.estimate:.1f}x [{tracked.lo:.1f}, {tracked.hi:.1f}] | "
             + " | ".join(
                 f"{r[f'{b}_{name}']:.3f}"
                 for b in ("gen", "und")
