@@ -170,8 +170,12 @@ class DynamicsTracker:
         self.attribution: SourceAttribution | None = None
         self._pending: _Pending | None = None
         # per probe group / training micro-batch: the [B, D] feature matrices of the last tracked step,
-        # overwritten by the next (per_sample_all's workspace: fresh ones would cost page faults each step)
-        self._workspaces: dict[tuple, dict[str, torch.Tensor]] = {}
+        # overwritten by the next (per_sample_all's workspace), on CPU only: there fresh ones cost page faults
+        # every tracked step; an accelerator's caching allocator reuses freed memory already, and matrices
+        # held between tracked steps would be taken from training
+        self._workspaces: dict[tuple, dict[str, torch.Tensor]] | None = (
+            {} if all(p.device.type == "cpu" for p in self.model.parameters()) else None
+        )
         if self.rank == 0:
             self.run.kernels.mkdir(parents=True, exist_ok=True)
         self._probe_log = JsonlLog(self.run.dynamics, enabled=self.rank == 0)
@@ -322,8 +326,8 @@ class DynamicsTracker:
         gathered = all_gather_rows(_rows(plain))
         return gathered, None if precondition is None else all_gather_rows(_rows(conditioned))
 
-    def _workspace(self, *key: str | int) -> dict[str, torch.Tensor]:
-        return self._workspaces.setdefault(key, {})
+    def _workspace(self, *key: str | int) -> dict[str, torch.Tensor] | None:
+        return None if self._workspaces is None else self._workspaces.setdefault(key, {})
 
     def summary(self) -> dict:
         """summarize_dynamics of every probe row written so far (the whole run, across resumes)."""
