@@ -24,6 +24,7 @@ steps, as a Markdown table.
 
     python benchmarks/tracking.py --ks 64 128 --probes 2 8  # the grid of BENCHMARKS.md
     python benchmarks/tracking.py --ks 128 --probes 8 --model-dir ntkdyn/models/pretrained/toy  # default
+    python benchmarks/tracking.py --store-only --width 512  # the store on a wider random toy
     python benchmarks/tracking.py --factored-from RUN_DIR   # error of the factored Adam preconditioner
 """
 
@@ -55,10 +56,13 @@ from ntkdyn.trainer.losses import source_loss_fns, source_terms
 from ntkdyn.world import ShapesWorld
 
 
-def build_adapter(model_dir: str | None) -> ToyAdapter:
-    return (
-        ToyAdapter.from_pretrained(model_dir) if model_dir else ToyAdapter.build(ShapesWorld(seed=0), seed=0)
-    )
+def build_adapter(model_dir: str | None, width: int | None = None) -> ToyAdapter:
+    """The saved toy in model_dir, else a randomly initialised one (seed 0): ToyConfig's size, or hidden
+    size ``width`` with an MLP of 2 x width."""
+    if model_dir:
+        return ToyAdapter.from_pretrained(model_dir)
+    size = {} if width is None else {"hidden_size": width, "intermediate_size": 2 * width}
+    return ToyAdapter.build(ShapesWorld(seed=0), seed=0, **size)
 
 
 def pretrained_records(adapter: ToyAdapter, n_prompts: int) -> list[dict]:
@@ -106,9 +110,9 @@ class ToyStep:
     it (trainer/loop.py Trainer.backward: one forward and backward per loss source inside the split's
     context and every hook's ``recording``, clip, AdamW), timed in CPU seconds."""
 
-    def __init__(self, model_dir: str | None, batch_size: int):
+    def __init__(self, model_dir: str | None, width: int | None, batch_size: int):
         self.cfg = cfg = TrainConfig(run="dpo")
-        self.adapter, self.reference = build_adapter(model_dir), build_adapter(model_dir)
+        self.adapter, self.reference = build_adapter(model_dir, width), build_adapter(model_dir, width)
         self.model = self.adapter.model
         terms = source_terms(self.adapter, "dpo", cfg.beta, cfg.nll_weight, cfg.understanding_weight)
         self.loss_fns = source_loss_fns(terms)
@@ -147,13 +151,19 @@ class ToyStep:
 
 
 def run(
-    model_dir: str | None, kind: str, k: int | None, per_category: int, rounds: int, batch_size: int
+    model_dir: str | None,
+    width: int | None,
+    kind: str,
+    k: int | None,
+    per_category: int,
+    rounds: int,
+    batch_size: int,
 ) -> dict:
     """Tracked steps of one projection size and probe count: after two plain steps, per round a tracked step
     on a fresh batch (as in a run), then two plain steps on the same batch, "after" (it pays what the
     tracked step left behind: the tracker's freed memory faulted back) and "plain" (steady). The first
     round is not timed. The model's trajectory is that of the earlier plain / stored / tracked triples."""
-    toy = ToyStep(model_dir, batch_size)
+    toy = ToyStep(model_dir, width, batch_size)
     records = pretrained_records(toy.adapter, 4 * per_category)
     projection = ProjectionConfig(kind=kind, k=k)
     settings = TrackingConfig(track_every=3, projection=projection, probes_per_category=per_category)
@@ -190,11 +200,13 @@ def run(
     }
 
 
-def store_overhead(model_dir: str | None, pairs: int, batch_size: int, store_k: int) -> dict:
+def store_overhead(
+    model_dir: str | None, width: int | None, pairs: int, batch_size: int, store_k: int
+) -> dict:
     """The gradient store alone (no tracker in the process): pairs of a plain and a stored step on the same
     batch, in alternating order; the overhead is the median over the pairs of stored / plain - 1. The
     first two pairs are not timed (the store's calibration)."""
-    toy = ToyStep(model_dir, batch_size)
+    toy = ToyStep(model_dir, width, batch_size)
     toy.split = SourceAttribution(toy.opt, toy.model.named_parameters(), tuple(toy.loss_fns))
     times: dict[str, list[float]] = {"plain": [], "stored": []}
     with tempfile.TemporaryDirectory(prefix="ntkdyn-bench-") as out:
@@ -211,6 +223,7 @@ def store_overhead(model_dir: str | None, pairs: int, batch_size: int, store_k: 
         files = sum(1 for _ in RunDir(out).gradient_files())
     return {
         "D": store.projector.feature_dim,
+        "parameters": sum(p.numel() for p in toy.model.parameters()),
         "files": files,
         **{f"{name}_s": statistics.median(values) for name, values in times.items()},
         "ratio": median_interval([s / p for s, p in zip(times["stored"], times["plain"], strict=True)]),
@@ -264,6 +277,10 @@ def main() -> None:
     parser.add_argument(
         "--model-dir", default=None, help="a saved ToyAdapter (default: random default-size toy)"
     )
+    parser.add_argument(
+        "--width", type=int, default=None, help="hidden size of the random toy (MLP 2x; default ToyConfig's)"
+    )
+    parser.add_argument("--store-only", action="store_true", help="only the gradient store's overhead")
     parser.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64, 128], help="kronecker factor sizes")
     parser.add_argument("--exact", action="store_true", help="also run kind='exact' (no projection)")
     parser.add_argument("--probes", type=int, nargs="+", default=[2, 8], help="probe pairs per category")
@@ -284,12 +301,15 @@ def main() -> None:
     if args.factored_from:
         factored_errors(args.factored_from)
         return
-    store = store_overhead(args.model_dir, args.store_pairs, args.batch, args.store_k)
+    store = store_overhead(args.model_dir, args.width, args.store_pairs, args.batch, args.store_k)
     print(
-        f"gradient store (k = {args.store_k}, D = {store['D']}, {args.store_pairs} pairs): plain step "
+        f"gradient store (k = {args.store_k}, D = {store['D']}, a model of {store['parameters']} parameters, "
+        f"{args.store_pairs} pairs): plain step "
         f"{store['plain_s']:.3f} s, stored step {store['stored_s']:.3f} s, "
         f"overhead {overhead(store['ratio'])}\n"
     )
+    if args.store_only:
+        return
     configs = [("kronecker", k, p) for p in args.probes for k in args.ks]
     if args.exact:
         configs += [("exact", None, p) for p in args.probes]
@@ -302,7 +322,7 @@ def main() -> None:
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for kind, k, p in configs:
-        r = run(args.model_dir, kind, k, p, args.rounds, args.batch)
+        r = run(args.model_dir, args.width, kind, k, p, args.rounds, args.batch)
         tracked = r["tracked_ratio"]
         print(
             f"| {r['kind']} | {r['k'] or '-'} | {r['probes']} | {r['D']} | {r['plain_s']:.3f} | "
