@@ -182,7 +182,9 @@ def run(
                     times[name].append(seconds)
         summary = summarize_dynamics(read_jsonl(RunDir(out).dynamics))
     # the tracked step's cost with the slowdown it leaves to the next step, over a steady plain step
-    ratios = [(t + a - p) / p for t, a, p in zip(*times.values(), strict=True)]
+    ratios = [
+        (t + a - p) / p for t, a, p in zip(times["tracked"], times["after"], times["plain"], strict=True)
+    ]
     return {
         "kind": kind,
         "k": k,
@@ -221,10 +223,11 @@ def store_overhead(
                 if i >= 2:
                     times[name].append(seconds)
         files = sum(1 for _ in RunDir(out).gradient_files())
+        if files != pairs + 2:  # what is timed must be a store that stored every step
+            raise RuntimeError(f"the store wrote {files} step files for {pairs + 2} stored steps")
     return {
         "D": store.projector.feature_dim,
         "parameters": sum(p.numel() for p in toy.model.parameters()),
-        "files": files,
         **{f"{name}_s": statistics.median(values) for name, values in times.items()},
         "ratio": median_interval([s / p for s, p in zip(times["stored"], times["plain"], strict=True)]),
     }

@@ -170,23 +170,21 @@ def test_tracker_splits_the_adamw_step_and_its_kernel_matches_explicit_precondit
         want, want_layers = {}, {}
         for name, fn in sources.items():
             train_grads = _per_sample_grads(model, fn, batch)
-            want_layers[
-                name
-            ] = {  # per tracked parameter n: Σ_u <∇f(o), ∇l(u)>_n, and c_s(o, u) summed over u
-                "Klayers": [
-                    [sum(float((go[n] * gu[n]).sum()) for gu in train_grads) for n in params]
-                    for go in probe_grads
-                ],
-                "Clayers": [
-                    [
-                        scale
-                        / len(train_grads)
-                        * sum(float((go[n] * gu[n] / denominator[n]).sum()) for gu in train_grads)
-                        for n in params
-                    ]
-                    for go in probe_grads
-                ],
-            }
+            # per tracked parameter n: Σ_u <∇f(o), ∇l(u)>_n, and c_s(o, u) summed over u
+            k_layers = [
+                [sum(float((go[n] * gu[n]).sum()) for gu in train_grads) for n in params]
+                for go in probe_grads
+            ]
+            c_layers = [
+                [
+                    scale
+                    / len(train_grads)
+                    * sum(float((go[n] * gu[n] / denominator[n]).sum()) for gu in train_grads)
+                    for n in params
+                ]
+                for go in probe_grads
+            ]
+            want_layers[name] = {"Klayers": k_layers, "Clayers": c_layers}
             want[name] = torch.tensor(
                 [
                     scale

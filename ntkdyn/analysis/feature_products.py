@@ -26,6 +26,8 @@ _ACCELERATOR_CHUNK = 1 << 16  # on an accelerator: fewer, larger products
 
 @dataclass
 class FeatureProducts:
+    """What :func:`feature_products` gives (module docstring); P = the tracked parameters' blocks."""
+
     gram: torch.Tensor  # [N, N] float64, CPU
     conditioned: dict[str, torch.Tensor]  # source -> [n_p, B_s] float64, CPU
     layers: dict[str, torch.Tensor]  # source -> [n_p, P] float64, CPU ({} without blocks)
