@@ -17,10 +17,14 @@ same batch, and the medians over the batches carry a 95% percentile-bootstrap in
            first pays what the tracked step leaves behind (its freed memory faulted back: up to +25% here
            with a small tracker), the second is steady. tracked / plain = (tracked + after - plain) / plain
 Times are CPU time of this process (time.process_time, summed over its threads), which other processes
-sharing the machine do not inflate the way they inflate wall-clock time. Per configuration it also prints
-the Pearson correlation of predicted with observed change (exact first order, features) and of the
-kernel forms (Adam-aware kernel, SGD form) with the exact current-step part, per branch over the tracked
-steps, as a Markdown table.
+sharing the machine do not inflate the way they inflate wall-clock time. Work is counted too, on one more
+step of each kind after the timed ones (torch.utils.flop_counter: the FLOPs of matrix products, attention
+and convolutions; elementwise work is not counted): the FLOP ratio is the step's cost over a plain step's
+if its extra products ran at the plain step's FLOP rate; "at peak" is its cost if they ran at this CPU's
+rate for a large square float32 product and nothing else cost (a floor: small products run slower).
+Per configuration it also prints the Pearson correlation of predicted with observed change (exact first
+order, features) and of the kernel forms (Adam-aware kernel, SGD form) with the exact current-step part,
+per branch over the tracked steps, as a Markdown table.
 
     python benchmarks/tracking.py --ks 64 128 --probes 2 8  # the grid of BENCHMARKS.md
     python benchmarks/tracking.py --ks 128 --probes 8 --model-dir ntkdyn/models/pretrained/toy  # default
@@ -38,6 +42,7 @@ import time
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from ntkdyn.analysis.attribution import SourceAttribution
@@ -149,6 +154,13 @@ class ToyStep:
             hook.after_step(step, self.model, self.cfg.lr)
         return time.process_time() - start
 
+    def flops(self, step: int, batch: dict, hooks: list) -> int:
+        """The FLOPs of matrix products, attention and convolutions of one step (FlopCounterMode)."""
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self(step, batch, hooks)
+        return counter.get_total_flops()
+
 
 def run(
     model_dir: str | None,
@@ -158,11 +170,13 @@ def run(
     per_category: int,
     rounds: int,
     batch_size: int,
+    peak: float,
 ) -> dict:
     """Tracked steps of one projection size and probe count: after two plain steps, per round a tracked step
     on a fresh batch (as in a run), then two plain steps on the same batch, "after" (it pays what the
     tracked step left behind: the tracker's freed memory faulted back) and "plain" (steady). The first
-    round is not timed. The model's trajectory is that of the earlier plain / stored / tracked triples."""
+    round is not timed. The model's trajectory is that of the earlier plain / stored / tracked triples. One
+    more round, after the timed ones and the summary, counts the FLOPs of a tracked and a plain step."""
     toy = ToyStep(model_dir, width, batch_size)
     records = pretrained_records(toy.adapter, 4 * per_category)
     projection = ProjectionConfig(kind=kind, k=k)
@@ -181,6 +195,8 @@ def run(
                 if r > 1:  # round 1 calibrates the sample layouts with a full recording
                     times[name].append(seconds)
         summary = summarize_dynamics(read_jsonl(RunDir(out).dynamics))
+        last, batch = 3 * (rounds + 1), toy.batch(3 * (rounds + 1))
+        flops = {"tracked": toy.flops(last, batch, [tracker]), "plain": toy.flops(last + 1, batch, [])}
     # the tracked step's cost with the slowdown it leaves to the next step, over a steady plain step
     ratios = [
         (t + a - p) / p for t, a, p in zip(times["tracked"], times["after"], times["plain"], strict=True)
@@ -192,6 +208,7 @@ def run(
         "D": tracker.projector.feature_dim,
         **{f"{name}_s": statistics.median(values) for name, values in times.items()},
         "tracked_ratio": median_interval(ratios),
+        **work(flops["tracked"], flops["plain"], statistics.median(times["plain"]), peak),
         **{
             f"{b}_{name}": (summary[b] if name == "exact" else summary[b].get(name, {})).get(
                 "pearson", float("nan")
@@ -203,11 +220,11 @@ def run(
 
 
 def store_overhead(
-    model_dir: str | None, width: int | None, pairs: int, batch_size: int, store_k: int
+    model_dir: str | None, width: int | None, pairs: int, batch_size: int, store_k: int, peak: float
 ) -> dict:
     """The gradient store alone (no tracker in the process): pairs of a plain and a stored step on the same
     batch, in alternating order; the overhead is the median over the pairs of stored / plain - 1. The
-    first two pairs are not timed (the store's calibration)."""
+    first two pairs are not timed (the store's calibration); one more pair after them counts the FLOPs."""
     toy = ToyStep(model_dir, width, batch_size)
     toy.split = SourceAttribution(toy.opt, toy.model.named_parameters(), tuple(toy.loss_fns))
     times: dict[str, list[float]] = {"plain": [], "stored": []}
@@ -222,14 +239,41 @@ def store_overhead(
                 seconds = toy(step, batch, [store] if name == "stored" else [])
                 if i >= 2:
                     times[name].append(seconds)
+        batch = toy.batch(1000 + pairs + 2)
+        flops = {"plain": toy.flops(step + 1, batch, []), "stored": toy.flops(step + 2, batch, [store])}
         files = sum(1 for _ in RunDir(out).gradient_files())
-        if files != pairs + 2:  # what is timed must be a store that stored every step
-            raise RuntimeError(f"the store wrote {files} step files for {pairs + 2} stored steps")
+        if files != pairs + 3:  # what is timed must be a store that stored every step
+            raise RuntimeError(f"the store wrote {files} step files for {pairs + 3} stored steps")
     return {
         "D": store.projector.feature_dim,
         "parameters": sum(p.numel() for p in toy.model.parameters()),
         **{f"{name}_s": statistics.median(values) for name, values in times.items()},
         "ratio": median_interval([s / p for s, p in zip(times["stored"], times["plain"], strict=True)]),
+        **work(flops["stored"], flops["plain"], statistics.median(times["plain"]), peak),
+    }
+
+
+def peak_rate(n: int = 2048, repeats: int = 5) -> float:
+    """FLOPs per CPU second of the fastest of ``repeats`` float32 [n, n] @ [n, n] products: this CPU's rate
+    for a large square product at the benchmark's thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    seconds = []
+    for _ in range(repeats):
+        start = time.process_time()
+        a @ b
+        seconds.append(time.process_time() - start)
+    return 2 * n**3 / min(seconds)
+
+
+def work(flops: int, plain_flops: int, plain_s: float, peak: float) -> dict:
+    """GFLOP of the step and of a plain step on its batch; flop_ratio = flops / plain_flops (the step's cost
+    if its extra products ran at the plain step's rate); at_peak = 1 + (flops - plain_flops) / (peak x
+    plain_s) (its cost if they ran at ``peak`` FLOP/s and nothing else cost)."""
+    return {
+        "gflop": flops / 1e9,
+        "plain_gflop": plain_flops / 1e9,
+        "flop_ratio": flops / plain_flops,
+        "at_peak": 1 + (flops - plain_flops) / (peak * plain_s),
     }
 
 
@@ -304,12 +348,17 @@ def main() -> None:
     if args.factored_from:
         factored_errors(args.factored_from)
         return
-    store = store_overhead(args.model_dir, args.width, args.store_pairs, args.batch, args.store_k)
+    peak = peak_rate()
+    print(f"peak rate: {peak / 1e9:.0f} GFLOP per CPU second (float32 2048^3, threads: {args.threads})")
+    store = store_overhead(args.model_dir, args.width, args.store_pairs, args.batch, args.store_k, peak)
     print(
         f"gradient store (k = {args.store_k}, D = {store['D']}, a model of {store['parameters']} parameters, "
         f"{args.store_pairs} pairs): plain step "
         f"{store['plain_s']:.3f} s, stored step {store['stored_s']:.3f} s, "
-        f"overhead {overhead(store['ratio'])}\n"
+        f"overhead {overhead(store['ratio'])}; "
+        f"{store['gflop']:.2f} GFLOP against {store['plain_gflop']:.2f}: "
+        f"{100 * (store['flop_ratio'] - 1):+.1f}% at the plain step's rate, "
+        f"{100 * (store['at_peak'] - 1):+.1f}% at peak\n"
     )
     if args.store_only:
         return
@@ -318,19 +367,20 @@ def main() -> None:
         configs += [("exact", None, p) for p in args.probes]
     header = (
         "| kind | k | probes | D | plain step (CPU s) | step after a tracked one (CPU s) "
-        "| tracked step (CPU s) | tracked / plain "
+        "| tracked step (CPU s) | tracked / plain | GFLOP tracked / plain | FLOP ratio | at peak "
         "| gen r exact | gen r features | gen r kernel~current | gen r sgd~current "
         "| und r exact | und r features | und r kernel~current | und r sgd~current |"
     )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for kind, k, p in configs:
-        r = run(args.model_dir, args.width, kind, k, p, args.rounds, args.batch)
+        r = run(args.model_dir, args.width, kind, k, p, args.rounds, args.batch, peak)
         tracked = r["tracked_ratio"]
         print(
             f"| {r['kind']} | {r['k'] or '-'} | {r['probes']} | {r['D']} | {r['plain_s']:.3f} | "
             f"{r['after_s']:.3f} | {r['tracked_s']:.2f} | "
             f"{tracked.estimate:.1f}x [{tracked.lo:.1f}, {tracked.hi:.1f}] | "
+            f"{r['gflop']:.1f} / {r['plain_gflop']:.1f} | {r['flop_ratio']:.1f}x | {r['at_peak']:.1f}x | "
             + " | ".join(
                 f"{r[f'{b}_{name}']:.3f}"
                 for b in ("gen", "und")
