@@ -12,6 +12,8 @@ from helpers import assert_same_gradient_stores, torchrun_track
 from test_dynamics import float64_llama, sequence_logprob
 
 from ntkdyn import ProjectionConfig
+from ntkdyn.analysis import tracker as tracker_module
+from ntkdyn.analysis.feature_products import consecutive_rows
 from ntkdyn.analysis.probes import ProbeGroup
 from ntkdyn.analysis.projector import GradientProjector
 from ntkdyn.analysis.tracker import DynamicsTracker
@@ -120,14 +122,15 @@ def _source_fns():
 
 @pytest.mark.parametrize("recorded", [False, True])
 def test_tracker_splits_the_adamw_step_and_its_kernel_matches_explicit_preconditioned_gradients(
-    tmp_path, recorded
+    tmp_path, recorded, monkeypatch
 ):
     """A hand-written AdamW loop (weight decay, active clipping, two loss sources on disjoint forwards)
     with the tracker's split: at every tracked step the parts sum to predicted, and each source's
     predicted_kernel equals -lr/(1-β1^t)·(1-β1)·c/B Σ_u <∇f(o), D_t ∇l_s(u)> recomputed here from explicit
     per-sample gradients at θ_before and AdamW's own v_t, and equals that source's current part (jvp).
     ``recorded``: the loop runs each source inside tracker.recording (the trainer's protocol), so that
-    from the second tracked step on the training features come from the step's own backward."""
+    from the second tracked step on the training features come from the step's own backward. From the
+    second tracked step on, the feature rows lie in one matrix and the products read them in place."""
     model = float64_llama()
     probes = [ProbeGroup("p", sequence_logprob, {"input_ids": _ids(7, n=4)}, measurement="gen")]
     tracker = DynamicsTracker(model, probes, tmp_path, every=2, config=ProjectionConfig(kind="exact"))
@@ -139,6 +142,16 @@ def test_tracker_splits_the_adamw_step_and_its_kernel_matches_explicit_precondit
     recordings = []  # full recordings: one per probe group and, unless captured, per training source
     full = tracker.projector.per_sample_all
     tracker.projector.per_sample_all = lambda fn, *a, **k: recordings.append(fn) or full(fn, *a, **k)
+    in_place = []  # per tracked step: whether feature_products got every row in one matrix
+    products = tracker_module.feature_products
+
+    def spy(probes, train, delta, conditioned, slices):
+        in_place.append(
+            consecutive_rows([*probes, *train.values(), delta[None], *conditioned.values()]) is not None
+        )
+        return products(probes, train, delta, conditioned, slices)
+
+    monkeypatch.setattr(tracker_module, "feature_products", spy)
     for step in range(1, 5):
         batch = {"x": _ids(10 + step), "y": _ids(20 + step)}
         tracker.before_step(step, model, sources, batch)
@@ -225,6 +238,7 @@ def test_tracker_splits_the_adamw_step_and_its_kernel_matches_explicit_precondit
             assert len(top) == 3 and all(s in sources for s, _, _ in top)
     # step 2 records the sources in full (and calibrates the capture), step 4 captures them if recorded
     assert len(recordings) == (4 if recorded else 6)
+    assert in_place == [False, True]
     from safetensors.torch import load_file
 
     from ntkdyn.plot import adam_kernel, attribution

@@ -5,7 +5,7 @@ block or row would be off by O(1) or more."""
 import pytest
 import torch
 
-from ntkdyn.analysis.feature_products import feature_products
+from ntkdyn.analysis.feature_products import consecutive_rows, feature_products
 
 
 def _features(generator, rows, columns):
@@ -13,15 +13,25 @@ def _features(generator, rows, columns):
 
 
 @pytest.mark.parametrize("with_slices", [True, False])
-def test_every_product_equals_the_float64_reference(with_slices):
+@pytest.mark.parametrize("in_place", [True, False])
+def test_every_product_equals_the_float64_reference(with_slices, in_place):
+    """in_place: every row block is a slice of one matrix (read in place, no copy), else separate tensors."""
     g = torch.Generator().manual_seed(0)
     # a block wider than a chunk (2^12 columns), one narrower, one of a single column
     slices = {"w": slice(0, 5000), "b": slice(5000, 5100), "scale": slice(5100, 5101)}
     D = 5101
-    probes = [_features(g, 3, D), _features(g, 2, D)]
-    train = {"gen": _features(g, 4, D), "und": _features(g, 2, D)}
-    conditioned = {"gen": _features(g, 4, D), "und": _features(g, 2, D)}
-    delta = _features(g, 1, D)[0]
+    sizes = [3, 2, 4, 2, 1, 4, 2]  # probes (2 groups), train (2 sources), P Δθ, conditioned (2 sources)
+    if in_place:
+        matrix = _features(g, sum(sizes), D)
+        pieces = list(matrix.split(sizes))
+        assert consecutive_rows(pieces).data_ptr() == matrix.data_ptr()
+    else:
+        pieces = [_features(g, n, D) for n in sizes]
+        assert consecutive_rows(pieces) is None
+    probes = pieces[:2]
+    train = {"gen": pieces[2], "und": pieces[3]}
+    delta = pieces[4][0]
+    conditioned = {"gen": pieces[5], "und": pieces[6]}
     got = feature_products(probes, train, delta, conditioned, slices if with_slices else None)
 
     F = torch.cat([*probes, *train.values(), delta[None]]).double()
@@ -50,3 +60,14 @@ def test_probes_alone():
     F = torch.cat([probes[0], delta[None]]).double()
     torch.testing.assert_close(got.gram, F @ F.T, rtol=1e-5, atol=1e-3)
     assert got.conditioned == {} and got.layers == {}
+
+
+def test_consecutive_rows_only_for_adjacent_row_blocks_of_one_matrix():
+    matrix = torch.arange(24.0).reshape(6, 4)
+    assert torch.equal(consecutive_rows([matrix[:2], matrix[2:5]]), matrix[:5])
+    assert torch.equal(consecutive_rows([matrix[1:3], matrix[3:3], matrix[3:]]), matrix[1:])
+    assert consecutive_rows([matrix[:2], matrix[3:]]) is None  # a gap
+    assert consecutive_rows([matrix[2:4], matrix[:2]]) is None  # out of order
+    assert consecutive_rows([matrix[:2, :3], matrix[2:, :3]]) is None  # not contiguous
+    assert consecutive_rows([matrix[:2], matrix[2:].clone()]) is None  # another matrix
+    assert consecutive_rows([matrix[:2], matrix[2:].double()]) is None  # another dtype

@@ -11,17 +11,39 @@ gives:
 Products in the features' dtype (at least float32) over chunks of at most 2^12 columns (2^16 on an
 accelerator), summed in float64 (accurate without a float64 copy of the features); a chunk's rows are
 read once for all of its products: the probe rows against every row, the training rows and P Δθ against
-each other.
+each other. Rows that lie one after another in one matrix (:func:`consecutive_rows`; the tracker keeps
+them so) are read in place, column chunk by column chunk; other rows are copied chunk by chunk.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 _CPU_CHUNK = 1 << 12  # columns per product on CPU: the chunk's rows stay in cache across its products
 _ACCELERATOR_CHUNK = 1 << 16  # on an accelerator: fewer, larger products
+
+
+def consecutive_rows(pieces: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The [Σ n_i, D] matrix whose consecutive row blocks the pieces [n_i, D] are (a view: no copy), or
+    None when they are not such blocks of one contiguous matrix (empty pieces hold no rows: skipped)."""
+    first = pieces[0]
+    if any(
+        (x.dim(), x.shape[-1], x.dtype, x.device) != (2, first.shape[-1], first.dtype, first.device)
+        for x in pieces
+    ):
+        return None
+    held = [x for x in pieces if x.numel()]
+    if not held:
+        return None
+    storage, at = held[0].untyped_storage().data_ptr(), held[0].data_ptr()
+    for x in held:
+        if not x.is_contiguous() or x.data_ptr() != at or x.untyped_storage().data_ptr() != storage:
+            return None
+        at += x.numel() * x.element_size()
+    return held[0].as_strided((sum(x.shape[0] for x in held), first.shape[1]), (first.shape[1], 1))
 
 
 @dataclass
@@ -45,6 +67,7 @@ def feature_products(
     delta: [D] (P Δθ); conditioned: source -> [B_s, D] (φ_D); slices: each tracked parameter's columns
     (None: no per-parameter sums)."""
     rows = [*probes, *train.values(), delta[None], *conditioned.values()]
+    matrix = consecutive_rows(rows)
     n_p = sum(x.shape[0] for x in probes)
     n = n_p + sum(x.shape[0] for x in train.values()) + 1  # F's rows
     width = n + sum(x.shape[0] for x in conditioned.values())
@@ -68,7 +91,11 @@ def feature_products(
     step = _CPU_CHUNK if device.type == "cpu" else _ACCELERATOR_CHUNK
     for p, block in enumerate(blocks):
         for start in range(block.start, block.stop, step):
-            chunk = torch.cat([x[:, start : min(start + step, block.stop)].to(dtype) for x in rows])
+            end = min(start + step, block.stop)
+            if matrix is not None:
+                chunk = matrix[:, start:end].to(dtype)
+            else:
+                chunk = torch.cat([x[:, start:end].to(dtype) for x in rows])
             products = (chunk[:n_p] @ chunk.T).double()
             top += products
             if slices is not None:

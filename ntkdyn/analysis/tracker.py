@@ -72,7 +72,7 @@ from torch import nn
 
 from ntkdyn.analysis.attribution import SourceAttribution
 from ntkdyn.analysis.distributed import all_gather_rows, rank_and_world, unwrap
-from ntkdyn.analysis.feature_products import FeatureProducts, feature_products
+from ntkdyn.analysis.feature_products import FeatureProducts, consecutive_rows, feature_products
 from ntkdyn.analysis.measuring import measuring, parameters_at
 from ntkdyn.analysis.probes import TRAIN, Fn, ProbeGroup
 from ntkdyn.analysis.projector import GradientProjector, ProjectionConfig
@@ -273,7 +273,7 @@ class DynamicsTracker:
         tracked = self.projector.tracked_parameters()
         with measuring(model):
             delta = {n: p.detach() - pending.before[n] for n, p in tracked.items()}
-            p_delta = self.projector.project_update(delta)
+            p_delta = self._delta_row(self.projector.project_update(delta))
             parts = self._parts(delta)
             precondition, reference = self._precondition(pending)
             dots: dict[str, torch.Tensor] = {}
@@ -328,6 +328,53 @@ class DynamicsTracker:
 
     def _workspace(self, *key: str | int) -> dict[str, torch.Tensor] | None:
         return None if self._workspaces is None else self._workspaces.setdefault(key, {})
+
+    def _delta_row(self, p_delta: torch.Tensor) -> torch.Tensor:
+        """P Δθ [D], copied into the workspace row kept for it where one of its shape is there (so that
+        feature_products reads every row in place, :meth:`_lay_out_workspaces`)."""
+        workspace = self._workspace("delta")
+        if workspace is None:
+            return p_delta
+        row = workspace.get("features")
+        if row is None or (row.shape, row.dtype, row.device) != (
+            (1, *p_delta.shape),
+            p_delta.dtype,
+            p_delta.device,
+        ):
+            workspace["features"] = p_delta[None]
+            return p_delta
+        return row[0].copy_(p_delta)
+
+    def _lay_out_workspaces(self, pending: _Pending, preconditioned: dict[str, list[torch.Tensor]]) -> None:
+        """Point the workspaces at consecutive row blocks of one new [N, D] matrix, in feature_products' row
+        order (the probe groups, each source's micro-batches, P Δθ, the preconditioned micro-batches), so
+        that the next tracked step of the same shapes writes its features in place and its products read
+        them without a copy. One process only: there gathered training rows are copies anyway."""
+        if self._workspaces is None or rank_and_world()[1] > 1:
+            return
+        batches = {
+            s: len(pending.recorded.get(s) or pending.train_batches[s]) for s in pending.train_features
+        }
+        slots = [(self._workspace("probe", g.name), "features") for g in self.probes]
+        slots += [(self._workspace(TRAIN, s, i), "features") for s, n in batches.items() for i in range(n)]
+        slots.append((self._workspace("delta"), "features"))
+        slots += [
+            (self._workspace(TRAIN, s, i), "preconditioned")
+            for s in preconditioned
+            for i in range(batches[s])
+        ]
+        held = [workspace.get(role) for workspace, role in slots]
+        if any(
+            x is None or x.dim() != 2 or (x.shape[1], x.dtype) != (held[0].shape[1], held[0].dtype)
+            for x in held
+        ):
+            return
+        matrix = torch.empty(
+            sum(x.shape[0] for x in held), held[0].shape[1], dtype=held[0].dtype, device=held[0].device
+        )
+        start = 0
+        for (workspace, role), x in zip(slots, held, strict=True):
+            workspace[role], start = matrix[start : start + x.shape[0]], start + x.shape[0]
 
     def summary(self) -> dict:
         """summarize_dynamics of every probe row written so far (the whole run, across resumes)."""
@@ -435,6 +482,8 @@ class DynamicsTracker:
         probes = [pending.features[g.name] for g in self.probes]
         conditioned = {s: _rows(x) for s, x in preconditioned.items()}
         products = feature_products(probes, train, p_delta, conditioned, self.projector.feature_slices())
+        if consecutive_rows([*probes, *train.values(), p_delta[None], *conditioned.values()]) is None:
+            self._lay_out_workspaces(pending, preconditioned)
         index: dict[str, torch.Tensor] = {}
         start = 0
         for name, n in [(g.name, x.shape[0]) for g, x in zip(self.probes, probes, strict=True)] + [
@@ -633,8 +682,10 @@ def _gathered_ids(local: list[torch.Tensor]) -> list[int]:
 
 
 def _rows(pieces: list[torch.Tensor]) -> torch.Tensor:
-    """The pieces (micro-batches) stacked by rows; the one piece itself, not a copy, when there is one."""
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    """The pieces (micro-batches) stacked by rows: a view, not a copy, where they are consecutive rows of
+    one matrix (the one piece itself, or the workspaces laid out by _lay_out_workspaces)."""
+    stacked = consecutive_rows(pieces)
+    return torch.cat(pieces) if stacked is None else stacked
 
 
 def _has_train(key: str) -> bool:
