@@ -19,6 +19,7 @@ passing: X is shared by several samples (a tensor without a batch axis, or sampl
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,11 @@ def tolerance(dtype: torch.dtype) -> float:
     return 5e-2
 
 
+@functools.lru_cache(maxsize=64)
+def _every_sample(B: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(B, device=device)
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where each sample's part of a tensor lies (see the module docstring)."""
@@ -64,7 +70,7 @@ class Layout:
     def split(self, x: torch.Tensor, B: int) -> torch.Tensor:
         """[S, ...]: slice s of x is the part of sample ``samples()[s]`` (S = B, or 1 for kind "one")."""
         if self.kind == "axis":
-            return x.movedim(self.axis, 0)
+            return x if self.axis == 0 else x.movedim(self.axis, 0)
         if self.kind == "rows":
             return x.reshape(B, x.shape[0] // B, *x.shape[1:])
         if self.kind == "strided":
@@ -72,9 +78,11 @@ class Layout:
         return x.unsqueeze(0)
 
     def samples(self, B: int, device: torch.device) -> torch.Tensor:
+        """The samples of split()'s slices: [sample] for kind "one", else arange(B) (one tensor per B and
+        device, made once: an index, never written)."""
         if self.kind == "one":
             return torch.tensor([self.sample], device=device)
-        return torch.arange(B, device=device)
+        return _every_sample(B, device)
 
     def weigh(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x with sample b's part multiplied by w[b] (w [B])."""

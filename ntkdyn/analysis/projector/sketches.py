@@ -107,7 +107,7 @@ class Sketch:
             self.blocks[name] = Block(shape2d, out_size, offset)
             offset += 0 if config.kind == "dense" else out_size
         self.feature_dim = config.k if config.kind == "dense" else offset
-        self._factors: dict[tuple[str, int, str], torch.Tensor | None] = {}
+        self._factors: dict[tuple[str, int, torch.device], torch.Tensor | None] = {}
         self._precondition: dict[str, torch.Tensor] | None = None  # name -> D [d0, d1]
         self._precondition_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.factored_names: set[str] = set()  # blocks that used the factored D in a preconditioned call
@@ -166,7 +166,7 @@ class Sketch:
 
     def factor(self, name: str, axis: int, device: torch.device) -> torch.Tensor | None:
         """Seeded [d_axis, k] factor of a parameter, or None (identity) when d_axis <= k or not kronecker."""
-        key = (name, axis, str(device))
+        key = (name, axis, device)
         if key not in self._factors:
             d = self.blocks[name].shape2d[axis]
             if self.config.kind != "kronecker" or d <= self.config.k:
@@ -222,12 +222,14 @@ class Sketch:
         mask [S, T] or None (every token)."""
         if name in self._skip:
             return None
-        gf = g.to(self.dtype) if mask is None else torch.where(mask.unsqueeze(-1), g.to(self.dtype), 0.0)
+        gf = g.to(self.dtype)
         if self._precondition is not None:  # token t's gradient is row id_t: D's row id_t scales it
             gf = gf * self._precondition[name][ids]
         p0, p1 = self.factor(name, 0, g.device), self.factor(name, 1, g.device)
         if p1 is not None:
             gf = gf @ p1
+        if mask is not None:  # after the projection, which maps each token's row on its own: k wide, not dim
+            gf = torch.where(mask.unsqueeze(-1), gf, 0.0)
         if p0 is not None:
             return torch.bmm(p0[ids].transpose(1, 2), gf)
         out = torch.zeros(
