@@ -176,6 +176,7 @@ class DynamicsTracker:
         self._workspaces: dict[tuple, dict[str, torch.Tensor]] | None = (
             {} if all(p.device.type == "cpu" for p in self.model.parameters()) else None
         )
+        self._layout: list[tuple[tuple, str]] | None = None  # workspaces to lay out as one matrix (_products)
         if self.rank == 0:
             self.run.kernels.mkdir(parents=True, exist_ok=True)
         self._probe_log = JsonlLog(self.run.dynamics, enabled=self.rank == 0)
@@ -272,6 +273,7 @@ class DynamicsTracker:
         pending.lr = float(lr)
         tracked = self.projector.tracked_parameters()
         with measuring(model):
+            self._lay_out_workspaces()
             delta = {n: p.detach() - pending.before[n] for n, p in tracked.items()}
             p_delta = self._delta_row(self.projector.project_update(delta))
             parts = self._parts(delta)
@@ -331,7 +333,7 @@ class DynamicsTracker:
 
     def _delta_row(self, p_delta: torch.Tensor) -> torch.Tensor:
         """P Δθ [D], copied into the workspace row kept for it where one of its shape is there (so that
-        feature_products reads every row in place, :meth:`_lay_out_workspaces`)."""
+        feature_products reads every row in place: _lay_out_workspaces)."""
         workspace = self._workspace("delta")
         if workspace is None:
             return p_delta
@@ -345,36 +347,42 @@ class DynamicsTracker:
             return p_delta
         return row[0].copy_(p_delta)
 
-    def _lay_out_workspaces(self, pending: _Pending, preconditioned: dict[str, list[torch.Tensor]]) -> None:
-        """Point the workspaces at consecutive row blocks of one new [N, D] matrix, in feature_products' row
-        order (the probe groups, each source's micro-batches, P Δθ, the preconditioned micro-batches), so
-        that the next tracked step of the same shapes writes its features in place and its products read
-        them without a copy. One process only: there gathered training rows are copies anyway."""
+    def _row_order(
+        self, pending: _Pending, preconditioned: dict[str, list[torch.Tensor]]
+    ) -> list[tuple[tuple, str]] | None:
+        """The workspaces' (key, role) in feature_products' row order: the probe groups, each source's
+        micro-batches, P Δθ, the preconditioned micro-batches; None without workspaces or over several
+        processes (there the gathered training rows are copies anyway)."""
         if self._workspaces is None or rank_and_world()[1] > 1:
-            return
+            return None
         batches = {
             s: len(pending.recorded.get(s) or pending.train_batches[s]) for s in pending.train_features
         }
-        slots = [(self._workspace("probe", g.name), "features") for g in self.probes]
-        slots += [(self._workspace(TRAIN, s, i), "features") for s, n in batches.items() for i in range(n)]
-        slots.append((self._workspace("delta"), "features"))
-        slots += [
-            (self._workspace(TRAIN, s, i), "preconditioned")
-            for s in preconditioned
-            for i in range(batches[s])
-        ]
-        held = [workspace.get(role) for workspace, role in slots]
-        if any(
-            x is None or x.dim() != 2 or (x.shape[1], x.dtype) != (held[0].shape[1], held[0].dtype)
-            for x in held
-        ):
+        order = [(("probe", g.name), "features") for g in self.probes]
+        order += [((TRAIN, s, i), "features") for s, n in batches.items() for i in range(n)]
+        order.append((("delta",), "features"))
+        order += [((TRAIN, s, i), "preconditioned") for s in preconditioned for i in range(batches[s])]
+        return order
+
+    def _lay_out_workspaces(self) -> None:
+        """When the last tracked step's feature rows were not one matrix (_products set _layout): let go of
+        those workspace matrices and point the workspaces at consecutive row blocks of one new [N, D] matrix
+        in their place (never both in memory), so that this step of the same shapes writes its features
+        in place and feature_products reads them without a copy."""
+        if self._layout is None or self._workspaces is None:
             return
-        matrix = torch.empty(
-            sum(x.shape[0] for x in held), held[0].shape[1], dtype=held[0].dtype, device=held[0].device
-        )
-        start = 0
-        for (workspace, role), x in zip(slots, held, strict=True):
-            workspace[role], start = matrix[start : start + x.shape[0]], start + x.shape[0]
+        order, self._layout = self._layout, None
+        held = [self._workspaces.get(key, {}).pop(role, None) for key, role in order]
+        if any(x is None or x.dim() != 2 for x in held):
+            return
+        width, dtype, device = held[0].shape[1], held[0].dtype, held[0].device
+        if any((x.shape[1], x.dtype, x.device) != (width, dtype, device) for x in held):
+            return
+        rows = [x.shape[0] for x in held]
+        del held  # freed before the new matrix is made
+        matrix = torch.empty(sum(rows), width, dtype=dtype, device=device)
+        for (key, role), block in zip(order, matrix.split(rows), strict=True):
+            self._workspaces[key][role] = block
 
     def summary(self) -> dict:
         """summarize_dynamics of every probe row written so far (the whole run, across resumes)."""
@@ -483,7 +491,7 @@ class DynamicsTracker:
         conditioned = {s: _rows(x) for s, x in preconditioned.items()}
         products = feature_products(probes, train, p_delta, conditioned, self.projector.feature_slices())
         if consecutive_rows([*probes, *train.values(), p_delta[None], *conditioned.values()]) is None:
-            self._lay_out_workspaces(pending, preconditioned)
+            self._layout = self._row_order(pending, preconditioned)  # laid out at the next tracked step
         index: dict[str, torch.Tensor] = {}
         start = 0
         for name, n in [(g.name, x.shape[0]) for g, x in zip(self.probes, probes, strict=True)] + [
