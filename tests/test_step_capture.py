@@ -108,6 +108,32 @@ def test_eager_capture_lets_go_of_the_forwards_tensors():
         )
 
 
+@pytest.mark.parametrize("eager", [True, False])
+def test_a_dropped_capture_frees_what_it_recorded(eager):
+    """Once the caller lets go of the capture (after its features), every tensor it recorded and the
+    per-sample losses are freed: its hooks on them must not keep it alive (a cycle through autograd's
+    nodes, which Python's collector never frees, kept every step's activations: the tracker's memory
+    grew by about 170 MB per tracked step on the default toy)."""
+    model = float64_llama()
+    projector = GradientProjector(model, ProjectionConfig(kind="kronecker", k=4))
+    projector.per_sample(sequence_logprob, {"input_ids": _ids(1)})
+    capture = projector.capture(eager=eager)
+    with capture:
+        values = sequence_logprob(model, {"input_ids": _ids(2)})
+        capture.watch(values)
+        recorded = [weakref.ref(values)] + [
+            weakref.ref(x)
+            for item in capture._run.items
+            for x in [*item.leaves, *getattr(item, "bound", {}).values()]
+            if isinstance(x, torch.Tensor)
+        ]
+        values.sum().backward()
+    assert capture.features() is not None
+    del capture, values
+    gc.collect()
+    assert sum(ref() is not None for ref in recorded) == 0
+
+
 def test_capture_gives_nothing_it_cannot_know():
     """No calibration, a zero weight (that sample's gradient is not in the backward), a batch of another
     structure (the layouts were read for B = 3): None, so that the caller takes the full recording."""

@@ -28,6 +28,8 @@ recomputed at the parameters' current values: compute the features before the op
 from __future__ import annotations
 
 import contextlib
+import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -93,12 +95,11 @@ class StepCapture:
         # they are smaller than the gradients
         gradient_entries = sum(leaf.numel() for item in items for leaf in item.leaves)
         self._scale_at_end = 2 * values.shape[0] * self._projector.feature_dim <= gradient_entries
-        values.register_hook(self._keep_weights)
+        values.register_hook(_weak_hook(self, "_keep_weights"))
         for i, item in enumerate(items):
             for j, leaf in enumerate(item.leaves):
-                position = len(self._owner)
                 self._owner.append((i, j))
-                leaf.register_hook(lambda g, position=position: self._keep_leaf(position, g))
+                leaf.register_hook(_weak_hook(self, "_keep_leaf", len(self._owner) - 1))
 
     def _keep_weights(self, grad: torch.Tensor) -> None:
         w = grad.detach()
@@ -181,3 +182,18 @@ class StepCapture:
             preconditioned=finished[1] if precondition is not None else None,
             dots=None,
         )
+
+
+def _weak_hook(capture: StepCapture, method: str, *args: int) -> Callable[[torch.Tensor], None]:
+    """A tensor hook calling capture.method(*args, grad) through a weak reference. A hook holding the
+    capture itself would close a cycle (the recorded tensors hold their hooks in autograd's C++ nodes, the
+    capture holds the recorded tensors) that Python's collector never frees: every step's activations
+    would stay alive."""
+    ref = weakref.ref(capture)
+
+    def hook(grad: torch.Tensor) -> None:
+        live = ref()
+        if live is not None:
+            getattr(live, method)(*args, grad)
+
+    return hook
