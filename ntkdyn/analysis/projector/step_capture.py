@@ -95,11 +95,11 @@ class StepCapture:
         # they are smaller than the gradients
         gradient_entries = sum(leaf.numel() for item in items for leaf in item.leaves)
         self._scale_at_end = 2 * values.shape[0] * self._projector.feature_dim <= gradient_entries
-        values.register_hook(_weak_hook(self, "_keep_weights"))
+        values.register_hook(_weak_hook(self._keep_weights))
         for i, item in enumerate(items):
             for j, leaf in enumerate(item.leaves):
                 self._owner.append((i, j))
-                leaf.register_hook(_weak_hook(self, "_keep_leaf", len(self._owner) - 1))
+                leaf.register_hook(_weak_hook(self._keep_leaf, len(self._owner) - 1))
 
     def _keep_weights(self, grad: torch.Tensor) -> None:
         w = grad.detach()
@@ -184,16 +184,16 @@ class StepCapture:
         )
 
 
-def _weak_hook(capture: StepCapture, method: str, *args: int) -> Callable[[torch.Tensor], None]:
-    """A tensor hook calling capture.method(*args, grad) through a weak reference. A hook holding the
-    capture itself would close a cycle (the recorded tensors hold their hooks in autograd's C++ nodes, the
-    capture holds the recorded tensors) that Python's collector never frees: every step's activations
-    would stay alive."""
-    ref = weakref.ref(capture)
+def _weak_hook(method: Callable, *args: int) -> Callable[[torch.Tensor], None]:
+    """A tensor hook calling the capture's bound ``method(*args, grad)`` through a weak reference. A hook
+    holding the capture itself would close a cycle (the recorded tensors hold their hooks in autograd's C++
+    nodes, the capture holds the recorded tensors) that Python's collector never frees: every step's
+    activations would stay alive."""
+    ref = weakref.WeakMethod(method)
 
     def hook(grad: torch.Tensor) -> None:
-        live = ref()
-        if live is not None:
-            getattr(live, method)(*args, grad)
+        bound = ref()
+        if bound is not None:
+            bound(*args, grad)
 
     return hook
