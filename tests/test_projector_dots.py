@@ -104,6 +104,64 @@ def test_workspace_matrices_are_reused_and_give_the_same_features(kind):
     assert pointers[0] == pointers[1] and pointers[2] != pointers[1]
 
 
+class _LinearTwice(torch.nn.Module):
+    """One nn.Linear called twice in each forward (two uses of one parameter, both by F.linear)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.head = torch.nn.Linear(12, 12), torch.nn.Linear(12, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x))))).sum((1, 2))
+
+
+def _tied_llama(dtype):
+    from test_projector import lm_logprob, tiny_llama
+
+    g = torch.Generator().manual_seed(6)
+    mask = torch.tensor([[1] * 7, [1] * 7, [1, 1, 1, 1, 1, 0, 0]])
+    return tiny_llama(tied=True).to(dtype), lm_logprob, (torch.randint(1, 40, (3, 7), generator=g), mask)
+
+
+def _linear_twice(dtype):
+    x = torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(7), dtype=dtype)
+    return _LinearTwice().to(dtype), lambda model, batch: model(batch), x
+
+
+@pytest.mark.parametrize("model_case", [_tied_llama, _linear_twice])
+@pytest.mark.parametrize("kind, dtype", [("kronecker", torch.float32), ("exact", torch.float64)])
+def test_blocks_formed_in_the_workspace_equal_blocks_formed_apart(model_case, kind, dtype, monkeypatch):
+    """With a workspace, the plain view forms each parameter's first block straight in the features matrix
+    (Sketch.writing_into; finish then leaves it there): features, preconditioned features and dots equal
+    those of a call without a workspace, bit for bit, where a parameter has two uses (a Llama's tied
+    embedding: the embedding and the head's F.linear; one nn.Linear called twice) and at k = 8 or 40
+    blocks with projected and unprojected axes."""
+    model, fn, batch = model_case(dtype)
+    k = {_tied_llama: 40, _linear_twice: 8}[model_case] if kind == "kronecker" else None
+    projector = GradientProjector(model, ProjectionConfig(kind=kind, k=k))
+    g = torch.Generator().manual_seed(8)
+    d = {n: torch.rand(p.shape, generator=g, dtype=p.dtype) + 0.1 for n, p in model.named_parameters()}
+    tangents = _tangents(model, 3)
+    in_place = []
+    original = sketches.kron_projection
+
+    def spy(*args, out=None, **kwargs):
+        in_place.append(out is not None)
+        return original(*args, out=out, **kwargs)
+
+    monkeypatch.setattr(sketches, "kron_projection", spy)
+    apart = projector.per_sample_all(fn, batch, precondition=d, tangents=tangents)
+    assert not any(in_place)
+    workspace: dict[str, torch.Tensor] = {}
+    for _ in range(2):  # the second call overwrites the first one's matrices
+        formed = projector.per_sample_all(fn, batch, precondition=d, tangents=tangents, workspace=workspace)
+        torch.testing.assert_close(formed.features, apart.features, rtol=0, atol=0)
+        torch.testing.assert_close(formed.preconditioned, apart.preconditioned, rtol=0, atol=0)
+        torch.testing.assert_close(formed.dots, apart.dots, rtol=0, atol=0)
+    assert any(in_place)
+
+
 def test_tangents_must_cover_the_tracked_parameters():
     model = float64_llama()
     batch = {"input_ids": torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(4))}

@@ -27,9 +27,10 @@ def kron_projection_reference(
     mask: torch.Tensor | None = None,
     scale_x: torch.Tensor | None = None,
     scale_y: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[b] = sum_t m[b,t] (px^T (sx ∘ x[b,t])) (py^T (sy ∘ y[b,t]))^T, in float32 (float64 if x or y
-    is float64).
+    is float64); written into ``out`` (a [B, KX, KY] tensor of that dtype, any strides) when given.
 
     x: [B, T, DX], y: [B, T, DY] (fp64/fp32/bf16/fp16); px: [DX, KX] or None (identity); py: [DY, KY] or
     None; mask: bool [B, T] or None (all tokens); scale_x [DX], scale_y [DY]: per-feature scales sx, sy
@@ -45,7 +46,7 @@ def kron_projection_reference(
         keep = mask.bool().unsqueeze(-1)
         xp = torch.where(keep, xp, 0.0)
         yp = torch.where(keep, yp, 0.0)
-    return torch.bmm(xp.transpose(1, 2), yp)
+    return torch.bmm(xp.transpose(1, 2), yp, out=out)
 
 
 def triton_available() -> bool:
@@ -67,9 +68,10 @@ def kron_projection(
     sign_factors: bool = False,
     scale_x: torch.Tensor | None = None,
     scale_y: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[b] = sum_t m[b,t] (px^T (sx ∘ x[b,t])) (py^T (sy ∘ y[b,t]))^T, [B, KX, KY] (dtype: see the
-    reference; scales as there, fused into the Triton kernel's loads).
+    reference; scales as there, fused into the Triton kernel's loads; ``out`` as there).
 
     implementation: "auto" (Triton on CUDA tensors when triton is installed, torch otherwise), "torch"
     or "triton" (on CPU tensors only under TRITON_INTERPRET=1; ImportError naming triton if it is
@@ -81,7 +83,7 @@ def kron_projection(
     float64 = torch.float64 in (x.dtype, y.dtype)
     use_triton = implementation == "triton" or (implementation == "auto" and x.is_cuda and triton_available())
     if not use_triton or float64:
-        return kron_projection_reference(x, y, px, py, mask, scale_x, scale_y)
+        return kron_projection_reference(x, y, px, py, mask, scale_x, scale_y, out)
     try:
         from ntkdyn.kernels.kron_projection_triton import kron_projection_triton
     except ImportError as error:
@@ -89,6 +91,7 @@ def kron_projection(
             "implementation='triton' needs the triton package, which cannot be imported here "
             f"({error}); install triton (Linux) or use implementation='torch'/'auto'"
         ) from error
-    return kron_projection_triton(
+    result = kron_projection_triton(
         x, y, px, py, mask, sign_factors=sign_factors, scale_x=scale_x, scale_y=scale_y
     )
+    return result if out is None else out.copy_(result)

@@ -194,7 +194,7 @@ class GradientProjector:
         returned matrices are the workspace's, overwritten by the next call with it (a caller that calls
         again with the same batch size allocates no [B, D] memory)."""
         views = self._views(precondition, tangents)
-        accs, values = self._blocks(fn, batch, views)
+        accs, values = self._blocks(fn, batch, views, workspace)
         if self.config.self_check and not any(f is fn for f in self._checked):
             self._compare(fn, batch, accs[0], values)
             self._checked.append(fn)
@@ -311,11 +311,14 @@ class GradientProjector:
         """The modules holding a tracked parameter, for messages."""
         return ", ".join(f"module {o!r}" if o else "the model" for o in self._owner_names[name])
 
-    def _blocks(self, fn: Fn, batch: Any, views: Sequence[View]) -> tuple[list[dict], torch.Tensor]:
+    def _blocks(
+        self, fn: Fn, batch: Any, views: Sequence[View], workspace: dict[str, torch.Tensor] | None = None
+    ) -> tuple[list[dict], torch.Tensor]:
         """From one recording of fn, per view (a sketch, and a preconditioner by tracked name or None) its
         per-sample blocks {name: [B, ...]} (absent: zero); and fn's values [B] (detached). The sample
         layouts of a recording whose signature (views.signature) an earlier one had are reused: one
-        backward instead of two."""
+        backward instead of two. With ``workspace``, the plain view forms its blocks where it can in the
+        features matrix that _finish then fills (views.from_plain)."""
         with torch.enable_grad(), self._eager():
             run = self._record(fn, batch)
             B = run.values.shape[0]
@@ -332,7 +335,12 @@ class GradientProjector:
                     found = [[None if e is None else e[1] for e in grads] for grads in output_gradients]
                     self._layouts[key] = merged_layouts(found, self._layouts.get(key))
                     self._scope |= {item.holder for item in run.items}
-            accs = view_blocks(run.items, output_gradients, B, views)
+            out = (
+                None
+                if workspace is None
+                else self._workspace_matrix(workspace, "features", B, run.values.device)
+            )
+            accs = view_blocks(run.items, output_gradients, B, views, out)
         return accs, run.values.detach()
 
     def _check_run(self, run: Run) -> None:
@@ -370,10 +378,7 @@ class GradientProjector:
                 finished.append(sketch.finish(acc, B, device))
                 continue
             role = "features" if precondition is None else "preconditioned"
-            out, wanted = workspace.get(role), ((B, sketch.feature_dim), sketch.dtype, device)
-            if out is None or (out.shape, out.dtype, out.device) != wanted:
-                out = workspace[role] = torch.empty(wanted[0], dtype=sketch.dtype, device=device)
-            finished.append(sketch.finish(acc, B, device, out))
+            finished.append(sketch.finish(acc, B, device, self._workspace_matrix(workspace, role, B, device)))
         # a NaN or Inf anywhere makes the sum non-finite (so may an overflow of the sum: then look closer)
         if not bool(finished[0].sum().isfinite()) and not bool(finished[0].isfinite().all()):
             bad = [f"{n} ({self._modules_of(n)})" for n, v in accs[0].items() if not v.isfinite().all()]
@@ -381,6 +386,16 @@ class GradientProjector:
                 "non-finite (NaN/Inf) per-sample gradient features for: " + "; ".join(bad)
             )
         return finished
+
+    def _workspace_matrix(
+        self, workspace: dict[str, torch.Tensor], role: str, B: int, device
+    ) -> torch.Tensor:
+        """workspace[role] when it is a [B, D] matrix of the features' dtype on ``device``, else a new one
+        kept there (role: "features" or "preconditioned")."""
+        out, wanted = workspace.get(role), ((B, self._sketch.feature_dim), self._sketch.dtype, device)
+        if out is None or (out.shape, out.dtype, out.device) != wanted:
+            out = workspace[role] = torch.empty(wanted[0], dtype=self._sketch.dtype, device=device)
+        return out
 
     def _output_gradients(self, run: Run, B: int, broadcast_tried: bool) -> OutputGradients:
         """Per item, per leaf: (g = d sum_b f_b / d leaf, its layout), or None where g is zero."""

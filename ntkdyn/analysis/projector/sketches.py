@@ -113,6 +113,9 @@ class Sketch:
         self.factored_names: set[str] = set()  # blocks that used the factored D in a preconditioned call
         self.drop_zero_tokens = True  # rules mask tokens with zero output-gradient (keeping_zero_tokens)
         self._skip: frozenset[str] = frozenset()
+        self._destination: dict[
+            str, torch.Tensor
+        ] = {}  # name -> its columns of a [B, D] matrix (writing_into)
 
     @contextlib.contextmanager
     def skipping(self, names: Iterable[str]) -> Iterator[None]:
@@ -123,6 +126,27 @@ class Sketch:
             yield
         finally:
             self._skip = frozenset()
+
+    @contextlib.contextmanager
+    def writing_into(self, out: torch.Tensor) -> Iterator[None]:
+        """Inside: tokens() without a preconditioner forms each name's first block over every sample
+        straight in its columns of ``out`` [B, D] (kinds kronecker without a second stage, and exact), where
+        finish() then leaves it (scaled in place); a later block of the same name is formed apart and
+        added to it, as without ``out``."""
+        if self.config.kind not in ("kronecker", "exact"):
+            yield
+            return
+        k = self.config.k if self.config.kind == "kronecker" else None
+        self._destination = {}
+        for name, block in self.blocks.items():
+            shape = tuple(d if k is None else min(d, k) for d in block.shape2d)
+            if shape[0] * shape[1] == block.out_size:  # no second stage
+                part = out[:, block.offset : block.offset + block.out_size]
+                self._destination[name] = part.view(out.shape[0], *shape)
+        try:
+            yield
+        finally:
+            self._destination = {}
 
     @contextlib.contextmanager
     def keeping_zero_tokens(self) -> Iterator[None]:
@@ -206,13 +230,17 @@ class Sketch:
         elif self._precondition is not None:  # the block is formed in full: D exactly
             full = kron_projection(left, right, None, None, mask, "torch").to(self.dtype)
             return self.project(name, full)
+        out = self._destination.pop(name, None)  # the products' dtype: float64 if a factor is, else float32
+        computed = torch.float64 if torch.float64 in (left.dtype, right.dtype) else torch.float32
+        if out is not None and (out.shape[0], out.dtype) != (left.shape[0], computed):
+            out = None
         if self.config.kind != "kronecker":
-            return kron_projection(left, right, None, None, mask, "torch").to(self.dtype)
+            return kron_projection(left, right, None, None, mask, "torch", out=out).to(self.dtype)
         p0, p1 = self.factor(name, 0, left.device), self.factor(name, 1, left.device)
         rademacher = self.config.distribution == "rademacher"
-        return kron_projection(left, right, p0, p1, mask, self.config.implementation, rademacher, *scales).to(
-            self.dtype
-        )
+        return kron_projection(
+            left, right, p0, p1, mask, self.config.implementation, rademacher, *scales, out=out
+        ).to(self.dtype)
 
     def embedding(
         self, name: str, ids: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None
@@ -268,6 +296,10 @@ class Sketch:
                 continue
             flat = value.reshape(B, -1).to(self.dtype)
             scale = self._kron_scale(block) if self.config.kind == "kronecker" else 1
+            if flat.data_ptr() == part.data_ptr() and flat.stride() == part.stride():  # formed here
+                if scale != 1:
+                    part.mul_(scale)
+                continue
             if block.out_size < flat.shape[1]:
                 flat = self._second_stage(name, flat, block.out_size)
             torch.mul(flat, scale, out=part)  # each block written once, in place

@@ -161,8 +161,10 @@ class StepCapture:
         p = self._projector
         views = p._views(precondition)
         accs = [self._acc] if self._eager else []
+        B = run.values.shape[0]
+        out = None if workspace is None else p._workspace_matrix(workspace, "features", B, run.values.device)
         for view in views[len(accs) :]:
-            with from_plain(view, accs, views) as acc:
+            with from_plain(view, accs, views, out) as acc:
                 for i in sorted(self._grads):
                     self._add(i, view[0], acc)
             if self._failed:
@@ -172,7 +174,7 @@ class StepCapture:
             self._add(i, views[0][0], accs[0])
         if self._failed:
             return None
-        B, w = run.values.shape[0], self._weights
+        w = self._weights
         finished = p._finish(views, accs, B, run.values.device, workspace)
         if self._scale_at_end:  # row b of every block is linear in sample b's output-gradients
             finished = [rows.div_(w.to(rows.device, rows.dtype)[:, None]) for rows in finished]

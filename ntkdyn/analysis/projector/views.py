@@ -78,13 +78,17 @@ def merged_layouts(new: list[list[Layout | None]], old: list[list[Layout | None]
 
 
 def view_blocks(
-    items: Sequence[Recorded], output_gradients: OutputGradients, B: int, views: Sequence[View]
+    items: Sequence[Recorded],
+    output_gradients: OutputGradients,
+    B: int,
+    views: Sequence[View],
+    out: torch.Tensor | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """Per view, its per-sample blocks {tracked name: [B, ...]} (absent: zero)."""
+    """Per view, its per-sample blocks {tracked name: [B, ...]} (absent: zero); ``out``: see from_plain."""
     generic: dict[int, Any] = {}  # item index -> generic_per_sample (computed once for all views)
     accs: list[dict[str, torch.Tensor]] = []
     for view in views:
-        with from_plain(view, accs, views) as acc:
+        with from_plain(view, accs, views, out) as acc:
             for item, grads in zip(items, output_gradients, strict=True):
                 add_item_blocks(acc, item, grads, B, view[0], generic)
         accs.append(acc)
@@ -92,14 +96,22 @@ def view_blocks(
 
 
 @contextlib.contextmanager
-def from_plain(view: View, accs: list[dict[str, torch.Tensor]], views: Sequence[View]) -> Iterator[dict]:
+def from_plain(
+    view: View, accs: list[dict[str, torch.Tensor]], views: Sequence[View], out: torch.Tensor | None = None
+) -> Iterator[dict]:
     """Inside: the view's sketch preconditioned (if the view has a preconditioner) and, for a view after
     a plain Sketch view (views[0], whose blocks accs[0] holds), skipping the names whose plain blocks are
     each sample's gradient G_b in full (not fused: no projected axis); yields the view's accumulator,
-    holding those names' blocks computed from G_b (D ∘ G_b, or the dots with the tangents)."""
+    holding those names' blocks computed from G_b (D ∘ G_b, or the dots with the tangents). ``out``: the
+    [B, D] matrix the plain view's features will be finished into; that view forms its blocks in it
+    where it can (Sketch.writing_into)."""
     sketch, precondition = view
     known = _full_blocks(accs[0], views[0]) if accs else {}
-    with contextlib.nullcontext() if precondition is None else sketch.preconditioned(precondition):
+    writes = out is not None and not accs and isinstance(sketch, Sketch) and precondition is None
+    with (
+        contextlib.nullcontext() if precondition is None else sketch.preconditioned(precondition),
+        sketch.writing_into(out) if writes else contextlib.nullcontext(),
+    ):
         acc = {name: sketch.project(name, full) for name, full in known.items()}
         with sketch.skipping(known):
             yield acc
