@@ -113,9 +113,8 @@ class Sketch:
         self.factored_names: set[str] = set()  # blocks that used the factored D in a preconditioned call
         self.drop_zero_tokens = True  # rules mask tokens with zero output-gradient (keeping_zero_tokens)
         self._skip: frozenset[str] = frozenset()
-        self._destination: dict[
-            str, torch.Tensor
-        ] = {}  # name -> its columns of a [B, D] matrix (writing_into)
+        # name -> its columns of a [B, D] matrix as [B, k0, k1] (writing_into)
+        self._destination: dict[str, torch.Tensor] = {}
 
     @contextlib.contextmanager
     def skipping(self, names: Iterable[str]) -> Iterator[None]:
@@ -230,17 +229,34 @@ class Sketch:
         elif self._precondition is not None:  # the block is formed in full: D exactly
             full = kron_projection(left, right, None, None, mask, "torch").to(self.dtype)
             return self.project(name, full)
-        out = self._destination.pop(name, None)  # the products' dtype: float64 if a factor is, else float32
-        computed = torch.float64 if torch.float64 in (left.dtype, right.dtype) else torch.float32
-        if out is not None and (out.shape[0], out.dtype) != (left.shape[0], computed):
-            out = None
         if self.config.kind != "kronecker":
+            out = self._destination_for(name, left, right, None, None)
             return kron_projection(left, right, None, None, mask, "torch", out=out).to(self.dtype)
         p0, p1 = self.factor(name, 0, left.device), self.factor(name, 1, left.device)
         rademacher = self.config.distribution == "rademacher"
+        out = self._destination_for(name, left, right, p0, p1)
         return kron_projection(
             left, right, p0, p1, mask, self.config.implementation, rademacher, *scales, out=out
         ).to(self.dtype)
+
+    def _destination_for(
+        self,
+        name: str,
+        left: torch.Tensor,
+        right: torch.Tensor,
+        p0: torch.Tensor | None,
+        p1: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """name's columns of the writing_into matrix, once per name, where the product of left [S, T, d0]
+        and right [S, T, d1] through p0, p1 comes out exactly in their shape and dtype (float64 if a factor
+        is, else float32); else None (the block is formed apart: a wrong-shaped out would be resized)."""
+        out = self._destination.pop(name, None)
+        if out is None:
+            return None
+        k0 = left.shape[-1] if p0 is None else p0.shape[1]
+        k1 = right.shape[-1] if p1 is None else p1.shape[1]
+        dtype = torch.float64 if torch.float64 in (left.dtype, right.dtype) else torch.float32
+        return out if (tuple(out.shape), out.dtype) == ((left.shape[0], k0, k1), dtype) else None
 
     def embedding(
         self, name: str, ids: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None
