@@ -337,13 +337,9 @@ class DynamicsTracker:
         workspace = self._workspace("delta")
         if workspace is None:
             return p_delta
-        row = workspace.get("features")
-        if row is None or (row.shape, row.dtype, row.device) != (
-            (1, *p_delta.shape),
-            p_delta.dtype,
-            p_delta.device,
-        ):
-            workspace["features"] = p_delta[None]
+        row, wanted = workspace.get("features"), p_delta[None]
+        if row is None or (row.shape, row.dtype, row.device) != (wanted.shape, wanted.dtype, wanted.device):
+            workspace["features"] = wanted
             return p_delta
         return row[0].copy_(p_delta)
 
