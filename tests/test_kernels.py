@@ -102,6 +102,24 @@ def test_masked_tokens_never_leak_nan():
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("px_identity", [False, True])
+def test_x_zero_where_masked_masks_y_alone_to_the_same_result(px_identity):
+    """With x zero at the masked tokens (an output-gradient's zero rows), masking y alone gives the
+    token loop's result even where y is not finite; without the hint, too."""
+    x, y, px, py, mask = make_inputs((2, 13, 70, 45, 24, 20), torch.float32)
+    px = None if px_identity else px
+    x[~mask] = 0
+    y_inf = y.clone()
+    y_inf[~mask] = float("inf")
+    expected = token_loop_float64(x, y, px, py, mask).float()
+    for hint in (True, False):
+        for implementation in ("torch", "triton"):
+            out = kron_projection(
+                x, y_inf, px, py, mask, implementation=implementation, x_zero_where_masked=hint
+            )
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-3)
+
+
 def test_triton_on_cpu_without_interpreter_fails_clearly(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x, y, px, py, mask = make_inputs((1, 4, 16, 16, 16, 16), torch.float32)

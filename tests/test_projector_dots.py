@@ -132,11 +132,11 @@ def _linear_twice(dtype):
 @pytest.mark.parametrize("model_case", [_tied_llama, _linear_twice])
 @pytest.mark.parametrize("kind, dtype", [("kronecker", torch.float32), ("exact", torch.float64)])
 def test_blocks_formed_in_the_workspace_equal_blocks_formed_apart(model_case, kind, dtype, monkeypatch):
-    """With a workspace, the plain view forms each parameter's first block straight in the features matrix
-    (Sketch.writing_into; finish then leaves it there): features, preconditioned features and dots equal
-    those of a call without a workspace, bit for bit, where a parameter has two uses (a Llama's tied
-    embedding: the embedding and the head's F.linear; one nn.Linear called twice) and at k = 8 or 40
-    blocks with projected and unprojected axes."""
+    """With a workspace, the plain and the preconditioned view form each parameter's first block straight
+    in their matrix (Sketch.writing_into; finish then leaves it there): features, preconditioned features
+    and dots equal those of a call without a workspace, bit for bit, where a parameter has two uses (a
+    Llama's tied embedding: the embedding and the head's F.linear; one nn.Linear called twice) and at
+    k = 8 or 40 blocks with projected and unprojected axes."""
     model, fn, batch = model_case(dtype)
     k = {_tied_llama: 40, _linear_twice: 8}[model_case] if kind == "kronecker" else None
     projector = GradientProjector(model, ProjectionConfig(kind=kind, k=k))
@@ -150,16 +150,49 @@ def test_blocks_formed_in_the_workspace_equal_blocks_formed_apart(model_case, ki
         in_place.append(out is not None)
         return original(*args, out=out, **kwargs)
 
+    destination_for = sketches.Sketch._destination_for
+    preconditioned_in_place = []
+
+    def destination_spy(sketch, *args):
+        out = destination_for(sketch, *args)
+        preconditioned_in_place.append(sketch._precondition is not None and out is not None)
+        return out
+
     monkeypatch.setattr(sketches, "kron_projection", spy)
+    monkeypatch.setattr(sketches.Sketch, "_destination_for", destination_spy)
     apart = projector.per_sample_all(fn, batch, precondition=d, tangents=tangents)
-    assert not any(in_place)
+    assert not any(in_place) and not any(preconditioned_in_place)
     workspace: dict[str, torch.Tensor] = {}
     for _ in range(2):  # the second call overwrites the first one's matrices
         formed = projector.per_sample_all(fn, batch, precondition=d, tangents=tangents, workspace=workspace)
         torch.testing.assert_close(formed.features, apart.features, rtol=0, atol=0)
         torch.testing.assert_close(formed.preconditioned, apart.preconditioned, rtol=0, atol=0)
         torch.testing.assert_close(formed.dots, apart.dots, rtol=0, atol=0)
-    assert any(in_place)
+    assert any(in_place) and any(preconditioned_in_place)
+
+
+@pytest.mark.parametrize("full_blocks", [True, False])
+def test_tangent_dots_of_masked_tokens_never_leak_nan(full_blocks, monkeypatch):
+    """TangentDots.tokens on both routes (each sample's block formed, or tangent by tangent): the tokens
+    the mask drops (the output-gradient's zero rows) add nothing even where the activations are not
+    finite, against a float64 token loop of <g_t a_t^T, V_k>."""
+    if not full_blocks:
+        monkeypatch.setattr(sketches, "_FULL_BLOCK_ENTRIES", 0)
+    model = torch.nn.Linear(5, 3, bias=False)
+    blocks = GradientProjector(model, ProjectionConfig(kind="exact"))._sketch.blocks
+    gen = torch.Generator().manual_seed(0)
+    tangents = [{"weight": torch.randn(3, 5, generator=gen)} for _ in range(2)]
+    g, a = torch.randn(4, 6, 3, generator=gen), torch.randn(4, 6, 5, generator=gen)
+    mask = torch.rand(4, 6, generator=gen) > 0.4
+    g[~mask] = 0
+    expected = torch.stack(
+        [torch.einsum("btd,de,bte->b", g.double(), t["weight"].double(), a.double()) for t in tangents], 1
+    )
+    a[~mask] = float("nan")
+    dots = sketches.TangentDots(blocks, tangents)
+    for hint in (True, False):
+        measured = dots.tokens("weight", g, a, mask, left_zero_where_masked=hint)
+        torch.testing.assert_close(measured, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_tangents_must_cover_the_tracked_parameters():

@@ -28,6 +28,7 @@ def kron_projection_reference(
     scale_x: torch.Tensor | None = None,
     scale_y: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    x_zero_where_masked: bool = False,
 ) -> torch.Tensor:
     """out[b] = sum_t m[b,t] (px^T (sx ∘ x[b,t])) (py^T (sy ∘ y[b,t]))^T, in float32 (float64 if x or y
     is float64); written into ``out`` (a [B, KX, KY] tensor of that dtype, any strides) when given.
@@ -35,7 +36,9 @@ def kron_projection_reference(
     x: [B, T, DX], y: [B, T, DY] (fp64/fp32/bf16/fp16); px: [DX, KX] or None (identity); py: [DY, KY] or
     None; mask: bool [B, T] or None (all tokens); scale_x [DX], scale_y [DY]: per-feature scales sx, sy
     or None (ones). Masked tokens are zeroed with ``where`` after the projection, which maps each
-    token's row on its own (a NaN there never leaks). Returns [B, KX, KY].
+    token's row on its own (a NaN there never leaks). ``x_zero_where_masked``: x's row is zero at every
+    masked token (the mask marks x's nonzero rows), so its projection is zero there and y alone is
+    masked. Returns [B, KX, KY].
     """
     dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
     xf = x.to(dtype) if scale_x is None else x.to(dtype) * scale_x.to(dtype)
@@ -44,7 +47,7 @@ def kron_projection_reference(
     yp = yf if py is None else yf @ py.to(dtype)
     if mask is not None and not bool(mask.all()):
         keep = mask.bool().unsqueeze(-1)
-        xp = torch.where(keep, xp, 0.0)
+        xp = xp if x_zero_where_masked else torch.where(keep, xp, 0.0)
         yp = torch.where(keep, yp, 0.0)
     return torch.bmm(xp.transpose(1, 2), yp, out=out)
 
@@ -69,9 +72,11 @@ def kron_projection(
     scale_x: torch.Tensor | None = None,
     scale_y: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    x_zero_where_masked: bool = False,
 ) -> torch.Tensor:
     """out[b] = sum_t m[b,t] (px^T (sx ∘ x[b,t])) (py^T (sy ∘ y[b,t]))^T, [B, KX, KY] (dtype: see the
-    reference; scales as there, fused into the Triton kernel's loads; ``out`` as there).
+    reference; scales as there, fused into the Triton kernel's loads; ``out`` and
+    ``x_zero_where_masked`` as there: the Triton kernel masks both sides in its loads either way).
 
     implementation: "auto" (Triton on CUDA tensors when triton is installed, torch otherwise), "torch"
     or "triton" (on CPU tensors only under TRITON_INTERPRET=1; ImportError naming triton if it is
@@ -83,7 +88,7 @@ def kron_projection(
     float64 = torch.float64 in (x.dtype, y.dtype)
     use_triton = implementation == "triton" or (implementation == "auto" and x.is_cuda and triton_available())
     if not use_triton or float64:
-        return kron_projection_reference(x, y, px, py, mask, scale_x, scale_y, out)
+        return kron_projection_reference(x, y, px, py, mask, scale_x, scale_y, out, x_zero_where_masked)
     try:
         from ntkdyn.kernels.kron_projection_triton import kron_projection_triton
     except ImportError as error:

@@ -317,8 +317,8 @@ class GradientProjector:
         """From one recording of fn, per view (a sketch, and a preconditioner by tracked name or None) its
         per-sample blocks {name: [B, ...]} (absent: zero); and fn's values [B] (detached). The sample
         layouts of a recording whose signature (views.signature) an earlier one had are reused: one
-        backward instead of two. With ``workspace``, the plain view forms its blocks where it can in the
-        features matrix that _finish then fills (views.from_plain)."""
+        backward instead of two. With ``workspace``, each Sketch view forms its blocks where it can in the
+        matrix that _finish then fills (views.from_plain)."""
         with torch.enable_grad(), self._eager():
             run = self._record(fn, batch)
             B = run.values.shape[0]
@@ -335,12 +335,8 @@ class GradientProjector:
                     found = [[None if e is None else e[1] for e in grads] for grads in output_gradients]
                     self._layouts[key] = merged_layouts(found, self._layouts.get(key))
                     self._scope |= {item.holder for item in run.items}
-            out = (
-                None
-                if workspace is None
-                else self._workspace_matrix(workspace, "features", B, run.values.device)
-            )
-            accs = view_blocks(run.items, output_gradients, B, views, out)
+            outs = self._view_matrices(views, workspace, B, run.values.device)
+            accs = view_blocks(run.items, output_gradients, B, views, outs)
         return accs, run.values.detach()
 
     def _check_run(self, run: Run) -> None:
@@ -372,13 +368,11 @@ class GradientProjector:
         """Every view's blocks finished to rows ([B, D] or [B, K]; the Sketch views' into ``workspace``'s
         "features" and "preconditioned" matrices: per_sample_all); FloatingPointError naming the tracked
         parameters whose per-sample blocks are not finite."""
-        finished = []
-        for (sketch, precondition), acc in zip(views, accs, strict=True):
-            if workspace is None or not isinstance(sketch, Sketch):
-                finished.append(sketch.finish(acc, B, device))
-                continue
-            role = "features" if precondition is None else "preconditioned"
-            finished.append(sketch.finish(acc, B, device, self._workspace_matrix(workspace, role, B, device)))
+        outs = self._view_matrices(views, workspace, B, device)
+        finished = [
+            sketch.finish(acc, B, device) if out is None else sketch.finish(acc, B, device, out)
+            for (sketch, _), acc, out in zip(views, accs, outs, strict=True)
+        ]
         # a NaN or Inf anywhere makes the sum non-finite (so may an overflow of the sum: then look closer)
         if not bool(finished[0].sum().isfinite()) and not bool(finished[0].isfinite().all()):
             bad = [f"{n} ({self._modules_of(n)})" for n, v in accs[0].items() if not v.isfinite().all()]
@@ -386,6 +380,20 @@ class GradientProjector:
                 "non-finite (NaN/Inf) per-sample gradient features for: " + "; ".join(bad)
             )
         return finished
+
+    def _view_matrices(
+        self, views: Sequence[View], workspace: dict[str, torch.Tensor] | None, B: int, device
+    ) -> list[torch.Tensor | None]:
+        """Per view, the workspace matrix its rows are finished into: a Sketch view's "features" (plain) or
+        "preconditioned" (_workspace_matrix); None for the dots view, and for every view without one."""
+        return [
+            None
+            if workspace is None or not isinstance(sketch, Sketch)
+            else self._workspace_matrix(
+                workspace, "features" if precondition is None else "preconditioned", B, device
+            )
+            for sketch, precondition in views
+        ]
 
     def _workspace_matrix(
         self, workspace: dict[str, torch.Tensor], role: str, B: int, device

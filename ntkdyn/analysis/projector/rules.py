@@ -72,14 +72,17 @@ def _weight_and_bias(
     scales: tuple[float, float] = (1.0, 1.0),
 ) -> Blocks:
     """The blocks of a weight (sum_t left_t right_t^T, (left, right) = weight_factors, times scales[0]) and
-    of a bias (sum_t g_t, times scales[1]) over the tokens with a nonzero output-gradient."""
+    of a bias (sum_t g_t, times scales[1]) over the tokens with a nonzero output-gradient (g3, which is
+    zero at the others: a left factor g3 is not masked again)."""
     mask = nonzero_tokens(g3, sketch)
     if "weight" in use.params:
         name = use.params["weight"]
-        yield name, samples, _scaled(sketch.tokens(name, *weight_factors, mask), scales[0])
+        block = sketch.tokens(name, *weight_factors, mask, weight_factors[0] is g3)
+        yield name, samples, _scaled(block, scales[0])
     if "bias" in use.params:
         name = use.params["bias"]
-        yield name, samples, _scaled(sketch.tokens(name, g3, torch.ones_like(g3[..., :1]), mask), scales[1])
+        block = sketch.tokens(name, g3, torch.ones_like(g3[..., :1]), mask, True)
+        yield name, samples, _scaled(block, scales[1])
 
 
 def _scaled(block: torch.Tensor | None, scale: float) -> torch.Tensor | None:

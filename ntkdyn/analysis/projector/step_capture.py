@@ -114,23 +114,30 @@ class StepCapture:
             grads = self._grads[i] = [None] * len(self._run.items[i].leaves)
         grads[j] = g.detach()
         if self._eager and self._usable and all(x is not None for x in grads):
-            self._add(i, self._projector._sketch, self._acc)
+            pairs = self._pairs(i)
+            if pairs is not None:
+                self._add(i, pairs, self._projector._sketch, self._acc)
 
-    def _add(self, i: int, sketch, acc: dict[str, torch.Tensor]) -> None:
-        """Item i's blocks under ``sketch`` into acc, from its leaves' gradients (let go in eager mode)."""
-        grads = self._grads.pop(i) if self._eager else self._grads[i]
-        item, w, B = self._run.items[i], self._weights, self._run.values.shape[0]
-        pairs = []
-        for g, layout in zip(grads, self._layouts[i], strict=True):
+    def _pairs(self, i: int) -> list | None:
+        """Item i's (output-gradient, layout) per leaf (None: no gradient), its gradients let go: dl_b/dX,
+        or sum_b w_b dl_b/dX where the features are divided by w_b at the end; None (and the capture
+        failed) where a leaf with a nonzero gradient has no known layout."""
+        w, pairs = self._weights, []
+        for g, layout in zip(self._grads.pop(i), self._layouts[i], strict=True):
             if g is not None and layout is None and bool(g.any()):
                 self._failed = True
-                return
+                return None
             if g is None or layout is None:
                 pairs.append(None)
             elif self._scale_at_end:
                 pairs.append((g, layout))
             else:  # dl_b/dX from sum_b w_b dl_b/dX
                 pairs.append((g * (1 / w[0]) if self._uniform else layout.weigh(g, 1 / w), layout))
+        return pairs
+
+    def _add(self, i: int, pairs: list, sketch, acc: dict[str, torch.Tensor]) -> None:
+        """Item i's blocks under ``sketch`` into acc, from its leaves' (output-gradient, layout) pairs."""
+        item, B = self._run.items[i], self._run.values.shape[0]
         with contextlib.ExitStack() as stack:
             if not isinstance(item, FunctionUse):  # the generic path recomputes the module call
                 stack.enter_context(torch.enable_grad())
@@ -162,18 +169,20 @@ class StepCapture:
         views = p._views(precondition)
         accs = [self._acc] if self._eager else []
         B = run.values.shape[0]
-        out = None if workspace is None else p._workspace_matrix(workspace, "features", B, run.values.device)
-        for view in views[len(accs) :]:
-            with from_plain(view, accs, views, out) as acc:
-                for i in sorted(self._grads):
-                    self._add(i, view[0], acc)
-            if self._failed:
-                return None
-            accs.append(acc)
-        for i in sorted(self._grads) if self._eager else ():  # items whose every leaf did not get one
-            self._add(i, views[0][0], accs[0])
+        outs = p._view_matrices(views, workspace, B, run.values.device)
+        # the items not formed yet (eager mode: those whose every leaf did not get a gradient), each
+        # item's pairs formed once for every view
+        pairs = {i: self._pairs(i) for i in sorted(self._grads)}
         if self._failed:
             return None
+        if self._eager:
+            for i, item_pairs in pairs.items():
+                self._add(i, item_pairs, views[0][0], accs[0])
+        for view, out in zip(views[len(accs) :], outs[len(accs) :], strict=True):
+            with from_plain(view, accs, views, out) as acc:
+                for i, item_pairs in pairs.items():
+                    self._add(i, item_pairs, view[0], acc)
+            accs.append(acc)
         w = self._weights
         finished = p._finish(views, accs, B, run.values.device, workspace)
         if self._scale_at_end:  # row b of every block is linear in sample b's output-gradients

@@ -82,12 +82,13 @@ def view_blocks(
     output_gradients: OutputGradients,
     B: int,
     views: Sequence[View],
-    out: torch.Tensor | None = None,
+    outs: Sequence[torch.Tensor | None] = (),
 ) -> list[dict[str, torch.Tensor]]:
-    """Per view, its per-sample blocks {tracked name: [B, ...]} (absent: zero); ``out``: see from_plain."""
+    """Per view, its per-sample blocks {tracked name: [B, ...]} (absent: zero); ``outs``: per view, the
+    matrix it will be finished into, or None (see from_plain; none given: no view has one)."""
     generic: dict[int, Any] = {}  # item index -> generic_per_sample (computed once for all views)
     accs: list[dict[str, torch.Tensor]] = []
-    for view in views:
+    for view, out in zip(views, outs or [None] * len(views), strict=True):
         with from_plain(view, accs, views, out) as acc:
             for item, grads in zip(items, output_gradients, strict=True):
                 add_item_blocks(acc, item, grads, B, view[0], generic)
@@ -103,11 +104,11 @@ def from_plain(
     a plain Sketch view (views[0], whose blocks accs[0] holds), skipping the names whose plain blocks are
     each sample's gradient G_b in full (not fused: no projected axis); yields the view's accumulator,
     holding those names' blocks computed from G_b (D ∘ G_b, or the dots with the tangents). ``out``: the
-    [B, D] matrix the plain view's features will be finished into; that view forms its blocks in it
-    where it can (Sketch.writing_into)."""
+    [B, D] matrix a Sketch view's rows will be finished into; the view forms its blocks in it where it can
+    (Sketch.writing_into)."""
     sketch, precondition = view
     known = _full_blocks(accs[0], views[0]) if accs else {}
-    writes = out is not None and not accs and isinstance(sketch, Sketch) and precondition is None
+    writes = out is not None and isinstance(sketch, Sketch)
     with (
         contextlib.nullcontext() if precondition is None else sketch.preconditioned(precondition),
         sketch.writing_into(out) if writes else contextlib.nullcontext(),
