@@ -88,6 +88,13 @@ class TrackingConfig:
     probes_per_category: int = field(default=8, metadata={"help": "probe pairs per category"})
     probe_seed: int = field(default=0, metadata={"help": "seed of the probe choice"})
     top_contributors: int = field(default=3, metadata={"help": "training samples listed per probe and step"})
+    train_kernel: bool = field(
+        default=False,
+        metadata={
+            "help": "also log the eNTK between the training samples (kernels/ K/train_*,train_*: B^2 more "
+            "feature products per tracked step)"
+        },
+    )
     store_k: int = field(
         default=0,
         metadata={

@@ -171,4 +171,5 @@ def build_tracker(
         window=config.track_window,
         config=config.projection,
         top_contributors=config.top_contributors,
+        train_kernel=config.train_kernel,
     )

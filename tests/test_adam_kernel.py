@@ -145,11 +145,11 @@ def test_tracker_splits_the_adamw_step_and_its_kernel_matches_explicit_precondit
     in_place = []  # per tracked step: whether feature_products got every row in one matrix
     products = tracker_module.feature_products
 
-    def spy(probes, train, delta, conditioned, slices):
+    def spy(probes, train, delta, conditioned, *args):
         in_place.append(
             consecutive_rows([*probes, *train.values(), delta[None], *conditioned.values()]) is not None
         )
-        return products(probes, train, delta, conditioned, slices)
+        return products(probes, train, delta, conditioned, *args)
 
     monkeypatch.setattr(tracker_module, "feature_products", spy)
     for step in range(1, 5):

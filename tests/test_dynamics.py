@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import spawn_workers
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ntkdyn import ProjectionConfig, exact_ntk
@@ -230,6 +231,48 @@ def test_logged_kernel_equals_exact_ntk(tmp_path):
     torch.testing.assert_close(
         kernels[kernel_key("K", "und", "gen")], expected, rtol=1e-4, atol=1e-4 * expected.abs().max()
     )
+
+
+def test_kernel_between_training_samples_only_with_train_kernel(tmp_path):
+    """By default the kernel file holds no K/train,train block (its B^2 products are skipped); with
+    train_kernel it does, equal to the exact eNTK of the training losses at θ_before, and every other
+    block is the same in both files."""
+    adapter = ToyAdapter.tiny()
+    _, probes = toy_probes(adapter, per_category=1)
+    groups = probe_groups(adapter, probes, measurements=("gen",))
+    gen = adapter.measurement("gen")
+
+    def loss_fn(m, batch):
+        return -gen(m, batch)
+
+    batch = train_batch(adapter, 1)
+    expected = exact_ntk(adapter.model, loss_fn, batch, loss_fn, batch)
+    state = {n: p.detach().clone() for n, p in adapter.model.state_dict().items()}
+    kernels = {}
+    for train_kernel in (False, True):
+        adapter.model.load_state_dict(state)
+        out = tmp_path / str(train_kernel)
+        tracker = DynamicsTracker(
+            adapter.model,
+            groups,
+            out,
+            every=1,
+            config=ProjectionConfig(kind="exact"),
+            train_kernel=train_kernel,
+        )
+        tracker.before_step(1, adapter.model, loss_fn, batch)
+        opt = torch.optim.SGD(adapter.model.parameters(), lr=1e-4)
+        loss_fn(adapter.model, batch).mean().backward()
+        opt.step()
+        tracker.after_step(1, adapter.model, 1e-4)
+        kernels[train_kernel] = load_file(str(out / "kernels" / "step_000001.safetensors"))
+    pair = {kernel_key("K", "train", "train"), kernel_key("Kcos", "train", "train")}
+    assert set(kernels[True]) - set(kernels[False]) == pair
+    assert kernel_key("K", "train", "gen") in kernels[False]
+    for key, value in kernels[False].items():
+        torch.testing.assert_close(kernels[True][key], value, rtol=0, atol=0)
+    got = kernels[True][kernel_key("K", "train", "train")]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
 
 
 def test_truncate_tracking_and_torn_lines(tmp_path):

@@ -12,10 +12,13 @@ def _features(generator, rows, columns):
     return torch.randn(rows, columns, generator=generator)
 
 
+@pytest.mark.parametrize("train_pairs", [True, False])
 @pytest.mark.parametrize("with_slices", [True, False])
 @pytest.mark.parametrize("in_place", [True, False])
-def test_every_product_equals_the_float64_reference(with_slices, in_place):
-    """in_place: every row block is a slice of one matrix (read in place, no copy), else separate tensors."""
+def test_every_product_equals_the_float64_reference(with_slices, in_place, train_pairs):
+    """in_place: every row block is a slice of one matrix (read in place, no copy), else separate tensors.
+    Without train_pairs, the products of the rows after the probes with each other are NaN, their
+    squared norms on the diagonal, and every other product is the same."""
     g = torch.Generator().manual_seed(0)
     # a block wider than a chunk (2^12 columns), one narrower, one of a single column
     slices = {"w": slice(0, 5000), "b": slice(5000, 5100), "scale": slice(5100, 5101)}
@@ -32,11 +35,16 @@ def test_every_product_equals_the_float64_reference(with_slices, in_place):
     train = {"gen": pieces[2], "und": pieces[3]}
     delta = pieces[4][0]
     conditioned = {"gen": pieces[5], "und": pieces[6]}
-    got = feature_products(probes, train, delta, conditioned, slices if with_slices else None)
+    got = feature_products(probes, train, delta, conditioned, slices if with_slices else None, train_pairs)
 
     F = torch.cat([*probes, *train.values(), delta[None]]).double()
     P = torch.cat(probes).double()
-    torch.testing.assert_close(got.gram, F @ F.T, rtol=1e-5, atol=1e-3)
+    expected = F @ F.T
+    if not train_pairs:  # rows 5.. are the training rows and P Δθ
+        off_diagonal = ~torch.eye(len(F) - 5, dtype=torch.bool)
+        assert bool(got.gram[5:, 5:][off_diagonal].isnan().all())
+        expected[5:, 5:][off_diagonal] = got.gram[5:, 5:][off_diagonal]
+    torch.testing.assert_close(got.gram, expected, rtol=1e-5, atol=1e-3, equal_nan=True)
     assert set(got.conditioned) == {"gen", "und"}
     for source, phi in conditioned.items():
         torch.testing.assert_close(got.conditioned[source], P @ phi.double().T, rtol=1e-5, atol=1e-3)

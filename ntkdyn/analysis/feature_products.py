@@ -4,7 +4,10 @@ Rows: F = [φ(o) of every probe o (n_p rows); φ(l_s(u)) of every training sampl
 P Δθ] (N rows), and the preconditioned training features φ_D(l_s(u)) of each source. One pass over the
 columns, chunk by chunk (each chunk inside one tracked parameter's block when the blocks are known),
 gives:
-    gram          [N, N]          F F^T (every eNTK block and feature prediction is an entry)
+    gram          [N, N]          F F^T (every eNTK block and feature prediction is an entry); without
+                                  ``train_pairs`` the entries between two different rows after the probes
+                                  (training rows, P Δθ) are NaN: not computed, the diagonal is
+                                  (their squared norms), a saving of (N - n_p)^2 D products
     conditioned   s -> [n_p, B_s] <φ(o), φ_D(l_s(u))>
     layers        s -> [n_p, P]   Σ_u <φ(o), φ(l_s(u))> restricted to each tracked parameter's columns
     conditioned_layers  s -> [n_p, P]   the same with φ_D
@@ -17,6 +20,7 @@ them so) are read in place, column chunk by column chunk; other rows are copied 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -62,10 +66,12 @@ def feature_products(
     delta: torch.Tensor,
     conditioned: dict[str, torch.Tensor],
     slices: dict[str, slice] | None,
+    train_pairs: bool = True,
 ) -> FeatureProducts:
     """probes: [n_g, D] per probe group (stacked in order: the n_p probe rows); train: source -> [B_s, D];
     delta: [D] (P Δθ); conditioned: source -> [B_s, D] (φ_D); slices: each tracked parameter's columns
-    (None: no per-parameter sums)."""
+    (None: no per-parameter sums); train_pairs: the products of the training rows and P Δθ with each
+    other (else only their squared norms: module docstring)."""
     rows = [*probes, *train.values(), delta[None], *conditioned.values()]
     matrix = consecutive_rows(rows)
     n_p = sum(x.shape[0] for x in probes)
@@ -85,7 +91,8 @@ def feature_products(
     for j, span in enumerate(train_spans + conditioned_spans):
         membership[span, j] = 1
     top = torch.zeros(n_p, width, dtype=torch.float64, device=device)  # probe rows x every row
-    rest = torch.zeros(n - n_p, n - n_p, dtype=torch.float64, device=device)  # training rows and P Δθ
+    # the training rows and P Δθ against each other, or only their squared norms
+    rest = torch.zeros(n - n_p, n - n_p if train_pairs else 1, dtype=torch.float64, device=device)
     blocks = list(slices.values()) if slices is not None else [slice(0, delta.shape[0])]
     per_block = torch.zeros(len(blocks), n_p, membership.shape[1], dtype=torch.float64, device=device)
     step = _CPU_CHUNK if device.type == "cpu" else _ACCELERATOR_CHUNK
@@ -100,11 +107,19 @@ def feature_products(
             top += products
             if slices is not None:
                 per_block[p] += products @ membership
-            rest += (chunk[n_p:n] @ chunk[n_p:n].T).double()
+            if train_pairs:
+                rest += (chunk[n_p:n] @ chunk[n_p:n].T).double()
+            else:
+                rest += chunk[n_p:n].square().sum(1, keepdim=True).double()
     gram = torch.zeros(n, n, dtype=torch.float64, device=device)
     gram[:n_p] = top[:, :n]
     gram[n_p:, :n_p] = top[:, n_p:n].T
-    gram[n_p:, n_p:] = rest
+    if train_pairs:
+        gram[n_p:, n_p:] = rest
+    else:
+        gram[n_p:, n_p:] = torch.diag(rest[:, 0]).masked_fill(
+            ~torch.eye(n - n_p, dtype=torch.bool, device=device), math.nan
+        )
     summed = per_block.permute(2, 1, 0).cpu()  # [sources (training, then preconditioned), n_p, P]
     with_blocks = slices is not None
     return FeatureProducts(

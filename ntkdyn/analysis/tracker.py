@@ -49,10 +49,11 @@ Outputs in ``out_dir`` (rank 0 only; names and row types in ntkdyn.rundir): ``dy
 ProbeRow per probe and tracked step), ``ntk.jsonl`` (one KernelRow of kernel scalars per tracked step),
 both appended and flushed row by row, and ``kernels/step_SSSSSS.safetensors`` (written atomically): the
 blocks K/a,b and Kcos/a,b between measurements and the training sources (measurement "train", or
-"train_<source>"), and with a split step C/m,train_<s> (c_s(o, u)) and, per tracked parameter (kinds
-kronecker and exact, whose features are per-parameter blocks; metadata "layers"), Klayers/m,train_<s>
-(Σ_u K_s(o, u) of each block) and Clayers/m,train_<s> (Σ_u c_s(o, u) of each block): each sums over the
-blocks to its total.
+"train_<source>"; between two training sources only with ``train_kernel``: (B_u)^2 more feature products,
+about a tenth of a default tracked step on the toy), and with a split step C/m,train_<s> (c_s(o, u))
+and, per tracked parameter (kinds kronecker and exact, whose features are per-parameter blocks; metadata
+"layers"), Klayers/m,train_<s> (Σ_u K_s(o, u) of each block) and Clayers/m,train_<s> (Σ_u c_s(o, u) of
+each block): each sums over the blocks to its total.
 
 (Over 400 lines: the predictors, the parts of the split step and the kernel blocks of one tracked step
 all read the state before_step captured; splitting them would pass that state around.)
@@ -147,6 +148,7 @@ class DynamicsTracker:
         config: ProjectionConfig | None = None,
         top_contributors: int = 3,
         window: int = 1,
+        train_kernel: bool = False,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -164,6 +166,7 @@ class DynamicsTracker:
         self.run = RunDir(out_dir)
         self.every, self.window = every, window
         self.top_contributors = top_contributors
+        self.train_kernel = train_kernel
         self._start: tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None  # window
         self.projector = GradientProjector(self.model, config if config is not None else ProjectionConfig())
         self.rank, _ = rank_and_world()
@@ -485,7 +488,9 @@ class DynamicsTracker:
         train = {s: _rows(x) for s, x in pending.train_features.items()}
         probes = [pending.features[g.name] for g in self.probes]
         conditioned = {s: _rows(x) for s, x in preconditioned.items()}
-        products = feature_products(probes, train, p_delta, conditioned, self.projector.feature_slices())
+        products = feature_products(
+            probes, train, p_delta, conditioned, self.projector.feature_slices(), self.train_kernel
+        )
         if consecutive_rows([*probes, *train.values(), p_delta[None], *conditioned.values()]) is None:
             self._layout = self._row_order(pending, preconditioned)  # laid out at the next tracked step
         index: dict[str, torch.Tensor] = {}
@@ -587,6 +592,8 @@ class DynamicsTracker:
         row: KernelRow = {"step": pending.step, "lr": pending.lr}
         for i, a in enumerate(order):
             for b in order[: i + 1]:
+                if a in train_ms and b in train_ms and not self.train_kernel:
+                    continue
                 k = gram[rows_of[a]][:, rows_of[b]]
                 tensors[kernel_key("K", a, b)] = k.float().contiguous()
                 tensors[kernel_key("Kcos", a, b)] = (
