@@ -5,9 +5,9 @@ P Δθ] (N rows), and the preconditioned training features φ_D(l_s(u)) of each 
 columns, chunk by chunk (each chunk inside one tracked parameter's block when the blocks are known),
 gives:
     gram          [N, N]          F F^T (every eNTK block and feature prediction is an entry); without
-                                  ``train_pairs`` the entries between two different rows after the probes
-                                  (training rows, P Δθ) are NaN: not computed, the diagonal is
-                                  (their squared norms), a saving of (N - n_p)^2 D products
+                                  ``train_pairs``, the entries between two different rows after the probes
+                                  (training rows, P Δθ) are NaN, not computed ((N - n_p)^2 D products
+                                  saved), and their diagonal holds the rows' squared norms
     conditioned   s -> [n_p, B_s] <φ(o), φ_D(l_s(u))>
     layers        s -> [n_p, P]   Σ_u <φ(o), φ(l_s(u))> restricted to each tracked parameter's columns
     conditioned_layers  s -> [n_p, P]   the same with φ_D
@@ -91,7 +91,7 @@ def feature_products(
     for j, span in enumerate(train_spans + conditioned_spans):
         membership[span, j] = 1
     top = torch.zeros(n_p, width, dtype=torch.float64, device=device)  # probe rows x every row
-    # the training rows and P Δθ against each other, or only their squared norms
+    # the training rows and P Δθ against each other ([m, m]), or only their squared norms ([m, 1])
     rest = torch.zeros(n - n_p, n - n_p if train_pairs else 1, dtype=torch.float64, device=device)
     blocks = list(slices.values()) if slices is not None else [slice(0, delta.shape[0])]
     per_block = torch.zeros(len(blocks), n_p, membership.shape[1], dtype=torch.float64, device=device)
