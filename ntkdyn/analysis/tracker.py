@@ -50,7 +50,7 @@ ProbeRow per probe and tracked step), ``ntk.jsonl`` (one KernelRow of kernel sca
 both appended and flushed row by row, and ``kernels/step_SSSSSS.safetensors`` (written atomically): the
 blocks K/a,b and Kcos/a,b between measurements and the training sources (measurement "train", or
 "train_<source>"; between two training sources only with ``train_kernel``: (B_u)^2 more feature products,
-about a tenth of a default tracked step on the toy), and with a split step C/m,train_<s> (c_s(o, u))
+about 5% of a default tracked step on the toy, BENCHMARKS.md), and with a split step C/m,train_<s> (c_s(o, u))
 and, per tracked parameter (kinds kronecker and exact, whose features are per-parameter blocks; metadata
 "layers"), Klayers/m,train_<s> (Σ_u K_s(o, u) of each block) and Clayers/m,train_<s> (Σ_u c_s(o, u) of
 each block): each sums over the blocks to its total.
