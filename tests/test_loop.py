@@ -87,6 +87,7 @@ def _configs(**train):
         weight_decay=0.1,
         grad_clip=0.05,
         checkpoint_every=1,
+        anchor_pool=16,
     )
     t.update(train)
     return TrainConfig(**t), DataConfig(judge="none", prompts="6", candidates=2, gen_batch=3)
@@ -138,7 +139,9 @@ def test_curriculum_revisits_exactly_the_discard_pool(tmp_path):
     )
     best = probe.p_yes.max(1).values.sort().values
     threshold = float((best[5] + best[6]) / 2)  # half of the prompts get no accepted candidate in round 0
-    train = TrainConfig(run="curriculum", rounds=3, max_steps=6, batch_size=4, micro_batch_size=4, lr=0.01)
+    train = TrainConfig(
+        run="curriculum", rounds=3, max_steps=6, batch_size=4, micro_batch_size=4, lr=0.01, anchor_pool=16
+    )
     data = DataConfig(judge="self", accept_threshold=threshold, prompts="12", candidates=3, gen_batch=4)
     Trainer(adapter, adapter.world, prompts, train, data, tmp_path, lambda a: {}).train({})
     rows = read_jsonl(tmp_path / "data.jsonl")

@@ -72,7 +72,7 @@ def test_selected_point_is_the_result_and_training_stops_once_past_its_best(tmp_
     adapter, initial = ToyAdapter.tiny(seed=0), _params(ToyAdapter.tiny(seed=0).model)
     prompts = stratified_prompts(adapter.world, "train", 6, seed=0)
     train = TrainConfig(
-        run="sft", max_steps=10, batch_size=4, micro_batch_size=2, lr=0.05, checkpoint_every=3
+        run="sft", max_steps=10, batch_size=4, micro_batch_size=2, lr=0.05, checkpoint_every=3, anchor_pool=16
     )
     data = DataConfig(judge="none", prompts="6", candidates=2, gen_batch=3)
     selection = SelectionConfig(select_every=1, select_prompts=4, select_candidates=3, patience=2)
@@ -149,7 +149,7 @@ def _refuse(*args, **kwargs):
 ARGS = (
     "--model toy-tiny --run sft --judge none --no-track --prompts 6 --candidates 2 --gen-batch 3 "
     "--max-steps 4 --batch-size 4 --micro-batch-size 2 --checkpoint-every 2 --eval-every 0 --lr 0.02 "
-    "--eval-prompts 6 --eval-candidates 2"
+    "--eval-prompts 6 --eval-candidates 2 --anchor-pool 16"
 ).split()
 
 

@@ -13,6 +13,7 @@ from ntkdyn.track import parse_args, run
 def test_tracked_sft_run_on_a_real_model_adapter(tmp_path, model, one_thread, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     args = ["--run", "sft", "--judge", "none", "--model", model, "--max-steps", "4", "--prompts", "12"]
+    args += ["--anchor-pool", "16"]
     args += ["--eval-prompts", "6", "--eval-candidates", "2", "--candidates", "2", "--eval-every", "0"]
     summary = run(
         parse_args([*args, "--track-every", "2", "--probes-per-category", "2", "--out", str(tmp_path)])
