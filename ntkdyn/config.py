@@ -129,6 +129,13 @@ class RunConfig:
     track: bool = field(
         default=True, metadata={"help": "learning-dynamics tracking (--no-track turns it off)"}
     )
+    figures: bool = field(
+        default=True,
+        metadata={
+            "help": "write the figures into RUN_DIR/figures at the end (--no-figures: draw them later with "
+            "python -m ntkdyn.plot RUN_DIR)"
+        },
+    )
     threads: int = field(
         default=1,
         metadata={
@@ -194,13 +201,14 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def changed_options(saved: dict, cfg: RunConfig) -> list[str]:
-    """The options of ``cfg`` whose values differ from a saved config.json (``resume`` aside), each as
-    "--flag (field path): <saved> in the run, <now> now"."""
+    """The options of ``cfg`` whose values differ from a saved config.json (``resume`` and ``figures``
+    aside: neither changes what the run computes), each as "--flag (field path): <saved> in the run, <now>
+    now"."""
     old, new = flatten(saved), flatten(cfg.to_dict())
     flags = option_flags(RunConfig)
     missing = "absent"
     return [
         f"{flags.get(k, k)} ({k}): {old.get(k, missing)!r} in the run, {new.get(k, missing)!r} now"
         for k in sorted(old.keys() | new.keys())
-        if k != "resume" and old.get(k, missing) != new.get(k, missing)
+        if k not in ("resume", "figures") and old.get(k, missing) != new.get(k, missing)
     ]

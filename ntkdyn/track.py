@@ -17,7 +17,8 @@
    intervals, its random-direction null and verdict; ``oracle_change``; ``bayes_step``),
    ``co_degradation`` (both branches fell beyond their intervals), ``squeezing``, ``dynamics`` and
    ``ntk`` (tracking), ``selection`` (label-free checkpoint selection, --select-every K: ``after`` is
-   then the selected step's model), and print a before/after table. The run directory's files:
+   then the selected step's model), and print a before/after table; 5. draw the figures (ntkdyn.plot;
+   unless --no-figures). The run directory's files:
    ntkdyn.rundir and ARCHITECTURE.md.
 """
 
@@ -272,8 +273,11 @@ def run(cfg: RunConfig) -> dict:
     if dist.is_main:
         write_json(run_dir.summary, summary)
         print(format_summary(summary))
-        plot_run(run_dir.root)
-        print(f"run directory: {run_dir.root} (figures in {run_dir.figures})")
+        if cfg.figures:
+            plot_run(run_dir.root)
+            print(f"run directory: {run_dir.root} (figures in {run_dir.figures})")
+        else:
+            print(f"run directory: {run_dir.root} (figures: python -m ntkdyn.plot {run_dir.root})")
     if dist.enabled:
         leave_process_group()
     return summary

@@ -294,7 +294,7 @@ def test_two_processes_split_the_step_as_one(tmp_path):
         "--model toy-tiny --run sft --judge none --prompts 12 --candidates 4 --gen-batch 4 --max-steps 4 "
         "--epochs 100 --batch-size 8 --micro-batch-size 2 --lr 1e-3 --eval-prompts 6 --eval-candidates 2 "
         "--track-every 2 --probes-per-category 2 --anchor oracle --anchor-pool 16 --proj-kind exact "
-        "--store-k 4"
+        "--store-k 4 --no-figures"
     ).split()
     one, two = tmp_path / "one", tmp_path / "two"
     torchrun_track(args, two)

@@ -12,7 +12,7 @@ import pytest
 import ntkdyn.evaluate
 import ntkdyn.track
 from ntkdyn.cli import config_parser, option_flags, parse_config
-from ntkdyn.config import TRACKING_K, RunConfig
+from ntkdyn.config import TRACKING_K, RunConfig, changed_options
 from ntkdyn.evaluate import EvaluateConfig
 from ntkdyn.pretrain import PretrainOptions
 from ntkdyn.trainer.config import TrainConfig
@@ -86,7 +86,7 @@ def test_every_option_reaches_the_config_and_config_json():
     assert parse([]).tracking.projection.k == TRACKING_K
     assert parse(["--proj-kind", "dense"]).tracking.projection.k == TRACKING_K
     assert parse(["--proj-kind", "exact"]).tracking.projection.k is None
-    assert parse(["--no-track"]).track is False
+    assert parse(["--no-track"]).track is False and parse(["--no-figures"]).figures is False
     # derived defaults follow the options, as in a config built directly
     assert parse(["--run", "sft"]).train == RunConfig(train=TrainConfig(run="sft")).train
     assert parse(["--run", "sft"]).train.lr == 3e-4 and parse([]).train.lr == 5e-5
@@ -112,6 +112,10 @@ def test_out_dir_holding_another_run_needs_resume_with_the_same_options(tmp_path
             ntkdyn.track.main(["--run", "sft", "--out", str(tmp_path), "--resume", *changed])
         err = capsys.readouterr().err
         assert "differ" in err and f"{flag} (" in err, err
+    # figures are drawn after the run: --no-figures does not change what it computes
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert changed_options(saved, parse(["--run", "sft", "--out", str(tmp_path), "--no-figures"])) == []
+    assert changed_options(saved, parse(["--run", "sft", "--out", str(tmp_path), "--beta", "0.2"]))
 
 
 def test_evaluate_and_pretrain_options_are_built_the_same_way(tmp_path, capsys, no_model_loading):

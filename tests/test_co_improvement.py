@@ -211,7 +211,8 @@ def test_gap_change_against_direct_means_and_the_co_degradation_verdict():
 def test_summary_carries_the_contract(tmp_path):
     args = "--model toy-tiny --run sft --no-track --prompts 8 --candidates 2 --gen-batch 4 --max-steps 2 "
     args += "--batch-size 4 --eval-prompts 6 --eval-candidates 3 --eval-und-pairs 1 --anchor-pool 8 --lr 0.01"
-    summary = run(parse_args([*args.split(), "--out", str(tmp_path)]))
+    summary = run(parse_args([*args.split(), "--no-figures", "--out", str(tmp_path)]))
+    assert not (tmp_path / "figures").exists()  # --no-figures: python -m ntkdyn.plot draws them later
     co = summary["co_improvement"]
     keys = {"auroc_before", "auroc_after", "delta_auroc", "delta_auroc_ci", "null_random", "fp_rejected_ci"}
     keys |= {"tp_kept_ci", "und_win_ci", "verdict", "external_labels_in_training"}

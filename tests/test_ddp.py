@@ -24,7 +24,7 @@ def test_two_processes_equal_one(tmp_path):
     args = ["--accept-threshold", str(threshold)] + (
         "--model toy-tiny --run dpo --no-track --prompts 12 --candidates 4 --gen-batch 4 --max-steps 3 "
         "--epochs 100 --batch-size 8 --micro-batch-size 2 --nll-weight 0.5 --lr 1e-3 --eval-prompts 6 "
-        "--eval-candidates 2 --anchor-pool 16"
+        "--eval-candidates 2 --anchor-pool 16 --no-figures"
     ).split()
     one, two = tmp_path / "one", tmp_path / "two"
     torchrun_track(args, two)

@@ -21,7 +21,7 @@ ARGS = (
     "--model toy-tiny --run sft --judge none --prompts 6 --candidates 2 --gen-batch 3 "
     "--max-steps 8 --rounds 2 --batch-size 4 --micro-batch-size 2 --checkpoint-every 4 --eval-every 5 "
     "--eval-prompts 6 --eval-candidates 2 --track-every 3 --probes-per-category 1 --proj-kind exact "
-    "--store-k 4 --anchor-pool 16"
+    "--store-k 4 --anchor-pool 16 --no-figures"
 ).split()
 
 # Runs ntkdyn.track with one more hook that sends SIGKILL to its own process right after optimizer step K.
@@ -104,7 +104,7 @@ SELECTION_ARGS = (
     "--model toy-tiny --run sft --judge none --no-track --prompts 6 --candidates 2 --gen-batch 3 --lr 0.02 "
     "--max-steps 8 --rounds 2 --batch-size 4 --micro-batch-size 2 --checkpoint-every 4 --eval-every 0 "
     "--eval-prompts 6 --eval-candidates 2 --select-every 3 --select-prompts 4 --select-candidates 2 "
-    "--anchor-pool 16"
+    "--anchor-pool 16 --no-figures"
 ).split()
 
 
@@ -145,7 +145,7 @@ def test_resume_refuses_checkpoints_whose_pickle_would_run_code(tmp_path, capsys
     args = (
         "--model toy-tiny --run sft --judge none --no-track --prompts 6 --candidates 2 --gen-batch 3 "
         "--max-steps 2 --batch-size 4 --micro-batch-size 2 --eval-prompts 6 --eval-candidates 2 "
-        "--eval-every 0 --anchor-pool 16"
+        "--eval-every 0 --anchor-pool 16 --no-figures"
     ).split() + ["--out", str(tmp_path / "run")]
     run(parse_args(args))
     checkpoint, legacy = tmp_path / "run" / "checkpoint.safetensors", tmp_path / "run" / "checkpoint.pt"

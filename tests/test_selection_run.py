@@ -149,7 +149,7 @@ def _refuse(*args, **kwargs):
 ARGS = (
     "--model toy-tiny --run sft --judge none --no-track --prompts 6 --candidates 2 --gen-batch 3 "
     "--max-steps 4 --batch-size 4 --micro-batch-size 2 --checkpoint-every 2 --eval-every 0 --lr 0.02 "
-    "--eval-prompts 6 --eval-candidates 2 --anchor-pool 16"
+    "--eval-prompts 6 --eval-candidates 2 --anchor-pool 16 --no-figures"
 ).split()
 
 
