@@ -3,7 +3,9 @@
 The set is fixed: the pre-trained evaluation's generations (``pretrained/records.jsonl``), judged once by
 the pre-trained model (P(yes) then, verdict v0 = 1[P(yes) > 1/2]) and once by the oracle (o). Two uses:
 
-    co_improvement(adapter, records)   point estimates ``co/...`` at every evaluation of a run
+    co_improvement(p_yes, records)     point estimates ``co/...`` at every evaluation of a run, from the
+                                       model's P(yes) of the set (judge_records; before training the
+                                       records' own, as the pre-trained evaluation judged them)
     frozen_set_report(p0, p1, records) the end of a run (summary.json ``co_improvement``): AUROC of P(yes)
                                        against the oracle before/after and its paired change, and the
                                        verdict rates, each with a percentile-bootstrap interval
@@ -46,12 +48,12 @@ def judge_records(adapter: UnifiedAdapter, records: Sequence, chunk: int = 256) 
     )
 
 
-def co_improvement(adapter: UnifiedAdapter, records: Sequence, chunk: int = 256) -> dict:
-    """The current model's judgement of the pre-trained model's generations against the oracle.
+def co_improvement(p_yes: torch.Tensor, records: Sequence) -> dict:
+    """A model's judgement of the pre-trained model's generations against the oracle, from its P(yes) of
+    them (``p_yes`` [n], judge_records).
 
-    records: the pre-trained evaluation's candidate records (``.prompt`` with ``.text``, ``.image``
-    LongTensor[L], ``.verdict`` then, ``.oracle``). With v0 the pre-trained verdict, v the current one
-    (P(yes) > 1/2) and o the oracle:
+    records: the pre-trained evaluation's candidate records (``.verdict`` then, ``.oracle``). With v0 the
+    pre-trained verdict, v the current one (p_yes > 1/2) and o the oracle:
         co/fp_rejected = P(v = 0 | v0 = 1, o = 0)    former false positives now rejected
         co/tp_kept     = P(v = 1 | v0 = 1, o = 1)    true positives kept
         co/fn_accepted = P(v = 1 | v0 = 0, o = 1)    former false negatives now accepted
@@ -60,7 +62,9 @@ def co_improvement(adapter: UnifiedAdapter, records: Sequence, chunk: int = 256)
         co/judge_accuracy = P(v = o)
     A rate whose condition is empty is None (und_win too: no changed verdict is no evidence).
     """
-    now = judge_records(adapter, records, chunk) > 0.5
+    if p_yes.shape != (len(records),):
+        raise ValueError(f"co_improvement: p_yes has shape {tuple(p_yes.shape)}, expected ({len(records)},)")
+    now = p_yes > 0.5
     then = torch.tensor([bool(r.verdict) for r in records])
     oracle = torch.tensor([bool(r.oracle) for r in records])
 

@@ -86,6 +86,15 @@ class UnderstandingRecord:
     kind: str
     p_yes: float
 
+    def to_row(self) -> dict:
+        """The record as plain data: a row of a run's pretrained/und_records.jsonl."""
+        return {"prompt": self.prompt.text, "kind": self.kind, "p_yes": self.p_yes}
+
+    @classmethod
+    def from_row(cls, row: Mapping, world: ShapesWorld) -> UnderstandingRecord:
+        """The inverse of :meth:`to_row` (the prompt is parsed by ``world``)."""
+        return cls(prompt=world.parse_prompt(row["prompt"]), kind=row["kind"], p_yes=row["p_yes"])
+
 
 @dataclass
 class EvalResult:

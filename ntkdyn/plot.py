@@ -38,8 +38,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import seaborn as sns
+from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from ntkdyn.analysis.statistics import pearson
 from ntkdyn.rundir import (
@@ -125,7 +126,8 @@ def dynamics_scatter(rows: Sequence[ProbeRow]) -> Figure:
     _need(bool(rows), "dynamics.jsonl has no probe rows (was tracking on?)")
     branches = list(dict.fromkeys(r["branch"] for r in rows))
     categories = list(dict.fromkeys(r["category"] for r in rows))
-    palette = dict(zip(categories, sns.color_palette("tab10", len(categories)), strict=True))
+    tab10 = colormaps["tab10"]
+    palette = {c: tab10(i % tab10.N) for i, c in enumerate(categories)}
     predictors = {"predicted": "exact first order (jvp)", "predicted_features": "features <φ, PΔθ>"}
     fig = Figure(figsize=(4.2 * len(branches), 7.6), layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(predictors), len(branches), squeeze=False))
@@ -135,15 +137,11 @@ def dynamics_scatter(rows: Sequence[ProbeRow]) -> Figure:
             in_branch = [r for r in rows if r["branch"] == branch]
             x = np.array([r[key] for r in in_branch])
             y = np.array([r["observed"] for r in in_branch])
-            sns.scatterplot(
-                x=x,
-                y=y,
-                hue=[r["category"] for r in in_branch],
-                palette=palette,
-                s=14,
-                ax=ax,
-                legend=(i == 0 and j == len(branches) - 1),
-            )
+            ax.scatter(x, y, s=14, c=[palette[r["category"]] for r in in_branch], edgecolors="white", lw=0.3)
+            if i == 0 and j == len(branches) - 1:
+                ax.legend(
+                    handles=[Line2D([], [], ls="", marker="o", color=palette[c], label=c) for c in categories]
+                )
             lim = float(max(np.abs(x).max(), np.abs(y).max(), 1e-12)) * 1.05
             ax.plot([-lim, lim], [-lim, lim], color="0.5", lw=0.8, ls="--")
             ax.set(
@@ -183,17 +181,9 @@ def kernel_heatmaps(kernel_paths: list[Path]) -> Figure:
     axes = np.atleast_1d(fig.subplots(1, len(chosen)))
     for ax, path in zip(axes, chosen, strict=True):
         full, measurements, offsets = _probe_kernel(path)
-        sns.heatmap(
-            full,
-            vmin=-1,
-            vmax=1,
-            cmap="RdBu_r",
-            square=True,
-            ax=ax,
-            xticklabels=False,
-            yticklabels=False,
-            cbar_kws={"label": "cos(∇f(o), ∇f(o'))"},
-        )
+        n = full.shape[0]  # cell (i, j) spans [j, j + 1] x [i, i + 1], row 0 at the top
+        image = ax.imshow(full, vmin=-1, vmax=1, cmap="RdBu_r", interpolation="nearest", extent=(0, n, n, 0))
+        fig.colorbar(image, ax=ax, label="cos(∇f(o), ∇f(o'))")
         for edge in offsets[1:-1]:
             ax.axhline(edge, color="k", lw=0.8)
             ax.axvline(edge, color="k", lw=0.8)

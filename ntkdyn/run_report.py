@@ -10,11 +10,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 
-from ntkdyn.analysis.measuring import parameters_at
 from ntkdyn.bayes_step import bayes_step
 from ntkdyn.co_improvement import (
     co_improvement_verdict,
@@ -23,11 +22,11 @@ from ntkdyn.co_improvement import (
     random_update_null,
 )
 from ntkdyn.config import RunConfig
-from ntkdyn.evaluate import CandidateRecord, EvalResult, understanding_records
+from ntkdyn.evaluate import EvalResult
 from ntkdyn.models.base import UnifiedAdapter
 from ntkdyn.oracle_change import gap_change_with_ci
 from ntkdyn.shapes_probes import select_probes
-from ntkdyn.world import Prompt, ShapesWorld
+from ntkdyn.world import ShapesWorld
 
 BAYES_PROBES_PER_CATEGORY = 32
 
@@ -35,29 +34,31 @@ BAYES_PROBES_PER_CATEGORY = 32
 def end_of_run_report(
     adapter: UnifiedAdapter,
     world: ShapesWorld,
-    eval_prompts: Sequence[Prompt],
     cfg: RunConfig,
-    records: Sequence[CandidateRecord],
+    before: EvalResult,
     pretrained: dict[str, torch.Tensor],
     final: EvalResult | None,
+    p_after: torch.Tensor | None = None,
 ) -> dict:
     """Measured on the final model (adapter.model) against the pre-trained one (``pretrained``: the
-    pre-trained values of the trained parameters): ``co_improvement``, the frozen-set report
+    pre-trained values of the trained parameters; ``before``: its evaluation, whose judged generations
+    are the frozen set): ``co_improvement``, the frozen-set report
     (ntkdyn.co_improvement: AUROC before/after, the verdict rates, intervals) with its random-direction
     null ``null_random``, a ``verdict`` and ``external_labels_in_training``; ``oracle_change``, the
     change of gen_alignment and und_accuracy with intervals (``final``: the last evaluation, None when
-    nothing was trained); ``bayes_step`` (ntkdyn.bayes_step) on up to BAYES_PROBES_PER_CATEGORY of the
+    nothing was trained; ``p_after``: its P(yes) of the frozen set where that evaluation judged it, else
+    it is judged here); ``bayes_step`` (ntkdyn.bayes_step) on up to BAYES_PROBES_PER_CATEGORY of the
     pre-trained generations per probe category."""
     seed = cfg.train.seed
+    records = before.records
     p_before = torch.tensor([r.p_yes for r in records])
-    report = frozen_set_report(p_before, judge_records(adapter, records), records, seed=seed)
+    p_after = judge_records(adapter, records) if p_after is None else p_after
+    report = frozen_set_report(p_before, p_after, records, seed=seed)
     report["null_random"] = random_update_null(adapter, pretrained, records, p_before, seed=seed)
     report["verdict"] = co_improvement_verdict(report, report["null_random"])
     report["external_labels_in_training"] = cfg.external_labels_in_training
-    with parameters_at(adapter.model, pretrained):
-        und_before = understanding_records(adapter, world, eval_prompts, cfg.eval.eval_und_pairs, seed)
-    final = final or EvalResult({}, list(records), und_before)
-    change = gap_change_with_ci(records, final.records, und_before, final.und_records, seed=seed)
+    final = final or before
+    change = gap_change_with_ci(records, final.records, before.und_records, final.und_records, seed=seed)
     probes = select_probes([r.to_row() for r in records], BAYES_PROBES_PER_CATEGORY, seed)
     bayes = bayes_step(adapter, world, probes, pretrained, seed=seed)
     return {"co_improvement": report, "oracle_change": change, "bayes_step": bayes}

@@ -8,6 +8,7 @@ Layout of a run directory (``RunDir``; ARCHITECTURE.md describes each file)::
     config.json                   the run's whole config tree (ntkdyn.config.RunConfig)
     pretrained/before.json        the pre-trained model's evaluation (step 0)
     pretrained/records.jsonl      its judged generations (the probe pool)
+    pretrained/und_records.jsonl  its answers to the understanding questions
     probes.json                   the fixed probe set of the tracker
     data/round_R.safetensors      round R's candidates, selection and training set (+ .jsonl, readable)
     metrics.jsonl                 MetricsRow per optimizer step          } logs: appended row by row,
@@ -125,6 +126,10 @@ class RunDir:
     @property
     def pretrained_records(self) -> Path:
         return self.root / "pretrained" / "records.jsonl"
+
+    @property
+    def pretrained_und_records(self) -> Path:
+        return self.root / "pretrained" / "und_records.jsonl"
 
     def kernel_file(self, step: int) -> Path:
         """kernels/step_SSSSSS.safetensors of a tracked step."""

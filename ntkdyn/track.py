@@ -34,9 +34,9 @@ from ntkdyn.analysis.gradient_store import GradientStore
 from ntkdyn.analysis.projector import ProjectionConfig
 from ntkdyn.analysis.summary import format_dynamics, mean_kernel_scalars
 from ntkdyn.cli import config_parser, parse_config
-from ntkdyn.co_improvement import co_improvement
+from ntkdyn.co_improvement import co_improvement, judge_records
 from ntkdyn.config import RunConfig, changed_options
-from ntkdyn.evaluate import CandidateRecord, EvalResult, evaluate, read_prompts
+from ntkdyn.evaluate import CandidateRecord, EvalResult, UnderstandingRecord, evaluate, read_prompts
 from ntkdyn.models import load_adapter
 from ntkdyn.models.base import UnifiedAdapter
 from ntkdyn.plot import plot_run
@@ -103,19 +103,25 @@ def check_run_dir(cfg: RunConfig) -> None:
 
 def pretrained_evaluation(
     adapter: UnifiedAdapter, world: ShapesWorld, eval_prompts: Sequence[Prompt], cfg: RunConfig, dist: Dist
-) -> tuple[dict, list[CandidateRecord]]:
-    """(before metrics, the pre-trained model's judged generations): computed on rank 0 once, kept in
-    the run directory (pretrained/before.json, pretrained/records.jsonl) for resuming."""
+) -> EvalResult:
+    """The pre-trained model's evaluation (its metrics, judged generations and understanding answers):
+    computed on rank 0 once, kept in the run directory (pretrained/before.json, records.jsonl,
+    und_records.jsonl) for resuming."""
     run = RunDir(cfg.out)
-    done = run.pretrained_before.exists() and run.pretrained_records.exists()
-    if dist.is_main and not (cfg.resume and done):
+    files = (run.pretrained_before, run.pretrained_records, run.pretrained_und_records)
+    if dist.is_main and not (cfg.resume and all(f.exists() for f in files)):
         run.pretrained_before.parent.mkdir(parents=True, exist_ok=True)
         result = evaluate_model(adapter, world, eval_prompts, cfg)
         write_jsonl(run.pretrained_records, (r.to_row() for r in result.records))
-        write_json(run.pretrained_before, {**result.metrics, **co_improvement(adapter, result.records)})
+        write_jsonl(run.pretrained_und_records, (r.to_row() for r in result.und_records))
+        p_yes = torch.tensor([r.p_yes for r in result.records])  # as the evaluation judged them
+        write_json(run.pretrained_before, {**result.metrics, **co_improvement(p_yes, result.records)})
     dist.barrier()
-    records = [CandidateRecord.from_row(row, world) for row in read_jsonl(run.pretrained_records)]
-    return read_json(run.pretrained_before), records
+    return EvalResult(
+        read_json(run.pretrained_before),
+        [CandidateRecord.from_row(row, world) for row in read_jsonl(run.pretrained_records)],
+        [UnderstandingRecord.from_row(row, world) for row in read_jsonl(run.pretrained_und_records)],
+    )
 
 
 def evaluate_model(
@@ -217,7 +223,8 @@ def run(cfg: RunConfig) -> dict:
     else:
         prompts = read_prompts(cfg.data.prompts, world)
     eval_prompts = stratified_prompts(world, "eval", cfg.eval.eval_prompts, cfg.train.seed)
-    before, pretrained_records = pretrained_evaluation(adapter, world, eval_prompts, cfg, dist)
+    pretrained_eval = pretrained_evaluation(adapter, world, eval_prompts, cfg, dist)
+    before, pretrained_records = pretrained_eval.metrics, pretrained_eval.records
 
     hooks, tracker = [], None
     if cfg.track:
@@ -231,11 +238,13 @@ def run(cfg: RunConfig) -> dict:
         probes = load_probes(run_dir.probes)
         hooks.append(SqueezingLog(adapter, run_dir.root, probes, cfg.tracking.track_every))
 
-    latest: dict[str, EvalResult] = {}  # the last evaluation (rank 0), kept for the end-of-run report
+    # the last evaluation (rank 0) and its P(yes) of the frozen set, kept for the end-of-run report
+    latest: dict[str, EvalResult | torch.Tensor] = {}
 
     def evaluate_fn(model_adapter: UnifiedAdapter) -> dict:
         latest["result"] = evaluate_model(model_adapter, world, eval_prompts, cfg)
-        return {**latest["result"].metrics, **co_improvement(model_adapter, pretrained_records)}
+        latest["p_yes"] = judge_records(model_adapter, pretrained_records)
+        return {**latest["result"].metrics, **co_improvement(latest["p_yes"], pretrained_records)}
 
     trainer = Trainer(
         adapter,
@@ -258,7 +267,7 @@ def run(cfg: RunConfig) -> dict:
     end = {}
     if dist.is_main:
         end = end_of_run_report(
-            adapter, world, eval_prompts, cfg, pretrained_records, pretrained, latest.get("result")
+            adapter, world, cfg, pretrained_eval, pretrained, latest.get("result"), latest.get("p_yes")
         )
     summary = summarize(before, after, cfg, end.get("oracle_change"))
     summary.update(end)

@@ -21,9 +21,11 @@ from ntkdyn.co_improvement import (
 )
 from ntkdyn.config import RunConfig
 from ntkdyn.evaluate import CandidateRecord, UnderstandingRecord, evaluate
+from ntkdyn.models import load_adapter
 from ntkdyn.models.toy import ToyAdapter
 from ntkdyn.oracle_change import gap_change_with_ci
 from ntkdyn.track import parse_args, run, summarize
+from ntkdyn.trainer.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,7 +83,7 @@ def test_und_win_is_none_when_no_verdict_changed():
         SimpleNamespace(image=x, prompt=prompt, verdict=bool(p > 0.5), oracle=i % 2 == 0)
         for i, (x, p) in enumerate(zip(images, p_yes, strict=True))
     ]
-    assert co_improvement(adapter, records)["co/und_win"] is None  # the same judge: nothing changed
+    assert co_improvement(p_yes, records)["co/und_win"] is None  # the same judge: nothing changed
     report = frozen_set_report(p_yes, p_yes, records)
     assert report["und_win"] is None and report["und_win_ci"] == [None, None]
     assert report["delta_auroc"] == 0.0
@@ -230,6 +232,21 @@ def test_summary_carries_the_contract(tmp_path):
     )
     assert json.loads((tmp_path / "summary.json").read_text())["co_improvement"]["verdict"] == co["verdict"]
     assert json.loads((tmp_path / "config.json").read_text())["train"]["anchor"] == "self"
+    # before training the judge is the pre-trained one: no verdict of the frozen set has changed
+    before = summary["before"]
+    assert (before["co/fp_rejected"] in (0.0, None), before["co/tp_kept"] in (1.0, None)) == (True, True)
+    assert before["co/und_win"] is None
+    # the report's "after" is the final model's P(yes) of the frozen set, judged here from its checkpoint
+    adapter = load_adapter("toy-tiny")
+    adapter.model.load_state_dict(load_checkpoint(tmp_path).model)
+    adapter.model.eval()
+    rows = [json.loads(x) for x in (tmp_path / "pretrained" / "records.jsonl").read_text().splitlines()]
+    records = [CandidateRecord.from_row(row, adapter.world) for row in rows]
+    p_before = torch.tensor([r.p_yes for r in records])
+    want = frozen_set_report(p_before, judge_records(adapter, records), records)
+    for key in ("auroc_after", "fp_rejected", "tp_kept", "judge_accuracy"):
+        assert co[key] == pytest.approx(want[key], abs=1e-12), key
+    assert summary["after"]["co/judge_accuracy"] == pytest.approx(want["judge_accuracy"], abs=1e-6)  # float32
 
 
 def test_the_co_improvement_figure_shows_the_run_beside_its_random_null():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ntkdyn.analysis.attribution import SourceAttribution
-from ntkdyn.co_improvement import co_improvement
+from ntkdyn.co_improvement import co_improvement, judge_records
 from ntkdyn.models.toy import ToyAdapter
 from ntkdyn.rundir import read_jsonl
 from ntkdyn.trainer.config import DataConfig, TrainConfig
@@ -178,7 +178,7 @@ def test_co_improvement_counts_against_the_oracle():
         SimpleNamespace(prompt=prompt, image=torch.tensor([c, 0, 0]), verdict=v, oracle=o)
         for c, v, o in cases
     ]
-    got = co_improvement(Judge(), records)
+    got = co_improvement(judge_records(Judge(), records), records)
     fp = [c for c in cases if c[1] and not c[2]]
     tp = [c for c in cases if c[1] and c[2]]
     fn = [c for c in cases if not c[1] and c[2]]
