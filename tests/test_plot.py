@@ -13,7 +13,15 @@ from test_dynamics import toy_probes, train_batch
 from ntkdyn import ProjectionConfig
 from ntkdyn.analysis.tracker import DynamicsTracker
 from ntkdyn.models.toy import ToyAdapter
-from ntkdyn.plot import _probe_kernel, co_improvement, dynamics_scatter, main, plot_run, shared_kernel
+from ntkdyn.plot import (
+    _probe_kernel,
+    co_improvement,
+    dynamics_scatter,
+    kernel_heatmaps,
+    main,
+    plot_run,
+    shared_kernel,
+)
 from ntkdyn.rundir import kernel_key, read_jsonl
 from ntkdyn.shapes_probes import probe_groups
 
@@ -100,6 +108,9 @@ def test_figures_of_a_tiny_run(tmp_path, capsys):
     np.testing.assert_allclose(np.diag(full), 1.0, atol=1e-5)
     block = load_file(str(path))[kernel_key("Kcos", "und", "gen")].numpy()
     np.testing.assert_allclose(full[offsets[1] : offsets[2], offsets[0] : offsets[1]], block)
+    shown = kernel_heatmaps([path]).axes[0].images[0]
+    np.testing.assert_array_equal(shown.get_array(), full)  # row 0 at the top, one cell per probe pair
+    assert tuple(shown.get_extent()) == (0, len(full), len(full), 0)
 
     # the shared-kernel curves are the logged kernel scalars, one line per category and one over all probes
     kernel_rows = read_jsonl(tmp_path / "ntk.jsonl")
