@@ -9,8 +9,9 @@
 
 0. parse and check the whole config tree (ntkdyn.config.RunConfig) and the run directory: every bad
    option fails here, before any model is loaded; 1. evaluate the pre-trained model on eval prompts
-   (the ``before`` metrics and its judged generations, kept in the run directory); 2. build the
-   tracker (unless --no-track) and, for DPO, the squeezing log (ntkdyn.squeezing); 3. train
+   (the ``before`` metrics, its judged generations and its understanding answers, kept in the run
+   directory); 2. build the tracker (unless --no-track) and, for DPO, the squeezing log
+   (ntkdyn.squeezing); 3. train
    (ntkdyn.trainer.loop.Trainer); 4. write ``summary.json``: ``before`` and ``after`` (the keys of
    ntkdyn.evaluate plus the co-improvement keys ``co/...``), ``delta``, ``judge``, ``anchor`` and
    ``external_labels_in_training``, the end-of-run report (ntkdyn.run_report: ``co_improvement`` with
