@@ -3,19 +3,24 @@
 The default toy unified model (ToyConfig size, randomly initialised from seed 0, or a saved one
 with --model-dir) trains with the default DPO objective of ``python -m ntkdyn.track --run dpo``
 (AdamW at its default lr, beta, understanding anchor; batch of --batch pairs), each step as the trainer
-runs it (trainer/loop.py: one forward and backward per loss source inside the split's context and the
-hooks' ``recording``, clip, AdamW; the step is split by loss source on every step: SourceAttribution's
-cost is in every step). A step's cost depends on its batch's lengths, so every ratio is of steps on the
-same batch, and the medians over the batches carry a 95% percentile-bootstrap interval.
-  store    the gradient store alone (analysis/gradient_store.py, --store-k; no tracker in the process):
-           every training sample's projected gradient captured from the step's own forward and backward
-           and written to the run directory; pairs of a plain and a stored step, in alternating order
+runs it (trainer/loop.py: one forward and backward per loss source, inside the hooks' ``recording``
+and, in a tracked run, the split's context, clip, AdamW). A step's cost depends on its batch's lengths,
+so every ratio is of steps on the same batch, and the medians over the batches carry a 95%
+percentile-bootstrap interval.
+  store    the gradient store alone (analysis/gradient_store.py, --store-k; no tracker in the process,
+           so no split, as in a run with the store alone): every training sample's projected gradient
+           captured from the step's own forward and backward and written to the run directory; pairs of a
+           plain and a stored step, in alternating order
+  split    what a tracked run pays on every step: the step split by loss source (SourceAttribution)
+           over the same step unsplit; pairs on the same batch, in alternating order
   tracked  per projection size and probe count: rounds of a tracked step on a fresh batch (as in a run:
            the probes' features and exact first order along every part of the split update, one recording
            per probe group; the training features and preconditioned features from the step's own
            backward; every feature product, rows and kernels), then two plain steps on that batch: the
            first pays what the tracked step leaves behind (its freed memory faulted back: up to +25% here
-           with a small tracker), the second is steady. tracked / plain = (tracked + after - plain) / plain
+           with a small tracker), the second is steady; "plain" steps here are split, as every step of a
+           tracked run is. tracked / plain = (tracked + after - plain) / plain; the run's overhead at the
+           default --track-every N: split x (1 + (tracked / plain - 1) / N) - 1 (of the two medians)
 Times are CPU time of this process (time.process_time, summed over its threads), which other processes
 sharing the machine do not inflate the way they inflate wall-clock time. Work is counted too, on one more
 step of each kind after the timed ones (torch.utils.flop_counter: the FLOPs of matrix products, attention
@@ -113,7 +118,7 @@ def dpo_batch(
 class ToyStep:
     """The default DPO run's model, data and optimizer on the toy, and its training step as the trainer runs
     it (trainer/loop.py Trainer.backward: one forward and backward per loss source inside the split's
-    context and every hook's ``recording``, clip, AdamW), timed in CPU seconds."""
+    context, when ``split`` is set, and every hook's ``recording``, clip, AdamW), timed in CPU seconds."""
 
     def __init__(self, model_dir: str | None, width: int | None, batch_size: int):
         self.cfg = cfg = TrainConfig(run="dpo")
@@ -142,7 +147,8 @@ class ToyStep:
         self.opt.zero_grad(set_to_none=True)
         for source, fn in self.loss_fns.items():
             with contextlib.ExitStack() as stack:
-                stack.enter_context(self.split.source(source))
+                if self.split is not None:
+                    stack.enter_context(self.split.source(source))
                 watchers = [stack.enter_context(h.recording(step, source, fn, batch)) for h in hooks]
                 losses = fn(self.model, batch)
                 for watch in filter(None, watchers):
@@ -225,8 +231,7 @@ def store_overhead(
     """The gradient store alone (no tracker in the process): pairs of a plain and a stored step on the same
     batch, in alternating order; the overhead is the median over the pairs of stored / plain - 1. The
     first two pairs are not timed (the store's calibration); one more pair after them counts the FLOPs."""
-    toy = ToyStep(model_dir, width, batch_size)
-    toy.split = SourceAttribution(toy.opt, toy.model.named_parameters(), tuple(toy.loss_fns))
+    toy = ToyStep(model_dir, width, batch_size)  # no split: a run with the store alone does not split
     times: dict[str, list[float]] = {"plain": [], "stored": []}
     with tempfile.TemporaryDirectory(prefix="ntkdyn-bench-") as out:
         store = GradientStore(toy.model, out, ProjectionConfig(kind="kronecker", k=store_k))
@@ -250,6 +255,26 @@ def store_overhead(
         **{f"{name}_s": statistics.median(values) for name, values in times.items()},
         "ratio": median_interval([s / p for s, p in zip(times["stored"], times["plain"], strict=True)]),
         **work(flops["stored"], flops["plain"], statistics.median(times["plain"]), peak),
+    }
+
+
+def split_overhead(model_dir: str | None, width: int | None, pairs: int, batch_size: int) -> dict:
+    """What a tracked run pays on every step, tracked or not: the step split by loss source
+    (SourceAttribution, its ``last_parts`` unread as on an untracked step) over the same step unsplit.
+    Two copies of the toy train side by side (the split does not change the update), a step of each on
+    the same batch, in alternating order; the first two pairs are not timed."""
+    unsplit, split = ToyStep(model_dir, width, batch_size), ToyStep(model_dir, width, batch_size)
+    split.split = SourceAttribution(split.opt, split.model.named_parameters(), tuple(split.loss_fns))
+    times: dict[str, list[float]] = {"unsplit": [], "split": []}
+    for i in tqdm(range(pairs + 2), desc="split", leave=False):
+        batch = unsplit.batch(2000 + i)
+        for name in ("split", "unsplit") if i % 2 else ("unsplit", "split"):
+            seconds = (split if name == "split" else unsplit)(i + 1, batch, [])
+            if i >= 2:
+                times[name].append(seconds)
+    return {
+        **{f"{name}_s": statistics.median(values) for name, values in times.items()},
+        "ratio": median_interval([s / p for s, p in zip(times["split"], times["unsplit"], strict=True)]),
     }
 
 
@@ -362,6 +387,15 @@ def main() -> None:
     )
     if args.store_only:
         return
+    split = split_overhead(args.model_dir, args.width, args.store_pairs, args.batch)
+    every = TrackingConfig().track_every
+    print(
+        f"the split, on every step of a tracked run ({args.store_pairs} pairs): unsplit step "
+        f"{split['unsplit_s']:.3f} s, split step {split['split_s']:.3f} s, "
+        f"overhead {overhead(split['ratio'])}\n"
+        f"(below, 'plain' is a split step; a run tracked every {every} steps costs about "
+        f"split x (1 + (tracked / plain - 1) / {every}) of an untracked one: the last column)\n"
+    )
     configs = [("kronecker", k, p) for p in args.probes for k in args.ks]
     if args.exact:
         configs += [("exact", None, p) for p in args.probes]
@@ -369,7 +403,8 @@ def main() -> None:
         "| kind | k | probes | D | plain step (CPU s) | step after a tracked one (CPU s) "
         "| tracked step (CPU s) | tracked / plain | GFLOP tracked / plain | FLOP ratio | at peak "
         "| gen r exact | gen r features | gen r kernel~current | gen r sgd~current "
-        "| und r exact | und r features | und r kernel~current | und r sgd~current |"
+        "| und r exact | und r features | und r kernel~current | und r sgd~current "
+        f"| run overhead at --track-every {every} |"
     )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -386,7 +421,7 @@ def main() -> None:
                 for b in ("gen", "und")
                 for name in ("exact", "features", "kernel_vs_current", "sgd_vs_current")
             )
-            + " |",
+            + f" | {100 * (split['ratio'].estimate * (1 + (tracked.estimate - 1) / every) - 1):+.0f}% |",
             flush=True,
         )
 

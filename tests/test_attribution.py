@@ -74,8 +74,9 @@ class Step:
     denominators: dict[str, torch.Tensor]  # √v̂ + ε of this step, as the split reports it
 
 
-def train(net, optimizer, split, steps, sources=THREE, *, contexts=True) -> list[Step]:
-    """Two micro-batches per step; every source's loss backpropagates inside its source context."""
+def train(net, optimizer, split, steps, sources=THREE, *, contexts=True, read=True) -> list[Step]:
+    """Two micro-batches per step; every source's loss backpropagates inside its source context. With
+    ``read=False`` nothing asks for the step's parts or denominators (None, {})."""
     params = dict(net.named_parameters())
     groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     out = []
@@ -104,8 +105,10 @@ def train(net, optimizer, split, steps, sources=THREE, *, contexts=True) -> list
         optimizer.step()
         after = {n: p.detach().clone() for n, p in params.items()}
         lrs = {n: float(groups[id(p)]["lr"]) for n, p in params.items()}
-        denominators = {n: split.denominator(n) for n in stepped}
-        out.append(Step(before, after, grads, stepped, clip, lrs, split.last_parts, denominators))
+        denominators = {n: split.denominator(n) for n in stepped} if read else {}
+        out.append(
+            Step(before, after, grads, stepped, clip, lrs, split.last_parts if read else None, denominators)
+        )
     return out
 
 
@@ -246,6 +249,32 @@ def test_one_source_is_the_whole_update_but_weight_decay():
         assert all(c.clip is None for c in from_host.parts.coefficients.values())
         for n in with_context.stepped:
             assert relative(from_host.parts.of_source("all")[n], with_context.parts.of_source("all")[n]) < TOL
+
+
+def test_parts_are_the_steps_own_when_read_late():
+    """The parts are formed when first read: steps whose parts nobody read still advance every m^s, and
+    what happens between the step and the read (zero_grad, an edit of the weights) does not enter them."""
+    parts = []
+    for read in (True, False):
+        net = make_net()
+        optimizer = torch.optim.AdamW(param_groups(net), betas=BETAS, eps=EPS)
+        split = SourceAttribution(optimizer, net.named_parameters(), THREE)
+        last = train(net, optimizer, split, range(6), read=read)[-1]
+        if not read:
+            optimizer.zero_grad(set_to_none=False)
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.mul_(-3.0)
+        parts.append(last.parts if read else split.last_parts)
+        assert split.last_parts is parts[-1]  # formed once
+    read_at_once, read_late = parts
+    for kind in ("current", "momentum"):
+        for source, tensors in getattr(read_at_once, kind).items():
+            late = getattr(read_late, kind)[source]
+            assert tensors.keys() == late.keys()
+            assert all(torch.equal(x, late[n]) for n, x in tensors.items()), (kind, source)
+    assert all(torch.equal(x, read_late.weight_decay[n]) for n, x in read_at_once.weight_decay.items())
+    assert read_at_once.coefficients == read_late.coefficients
 
 
 def test_attach_mid_run_keeps_the_old_momentum_apart():

@@ -37,10 +37,12 @@ Attached to an optimizer that has state already, the first moment found becomes 
 is None at the step is skipped as torch skips it (no decay of its moments), while a zero grad steps.
 
 Memory per parameter: one first moment per source that has reached it (S), the gradients gathered
-during the step per source (S) and one copy of p.grad, all in float32 or wider; ``last_parts`` holds
-2S+1 more tensors until the next step. Time: each source context compares p.grad with its copy and
-takes the difference (two passes over the gradients); the step checks p.grad = c·Σ_s g^s and
-m = Σ_s m^s (that is how an outside gradient or a desynchronised optimizer state is refused).
+during the step per source (S) and one copy of p.grad, all in float32 or wider; until the next step
+the split keeps the step's c·g^s and m^s_{t-1} (2S) and its decay, and ``last_parts``, formed from
+them when first read, 2S+1 more. Time: each source context compares p.grad with its copy and takes
+the difference (two passes over the gradients); the step checks p.grad = c·Σ_s g^s and m = Σ_s m^s
+(that is how an outside gradient or a desynchronised optimizer state is refused) and advances every
+m^s; the parts cost nothing on a step whose ``last_parts`` nobody reads.
 DDP: a source's gradient is what its backward adds to p.grad; when every backward all-reduces, that
 is already the global average. Under ``no_sync`` (gradient accumulation, or one backward per source,
 since DDP's reducer takes one backward per forward) the backwards add this rank's gradients, so pass
@@ -61,6 +63,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -137,6 +140,18 @@ class _Slot:
         self.magnitude = None
 
 
+class _Stepped(NamedTuple):
+    """One parameter's last step, as kept for ``last_parts``."""
+
+    slot: _Slot
+    group: dict
+    step: float  # t
+    clip: float | None
+    pushed: dict[str, Tensor]  # source → c·g^s (and Adam's L2 term)
+    before: dict[str, Tensor]  # source → m^s_{t-1}
+    decay: Tensor  # AdamW's decoupled decay of the step
+
+
 def _check_group(group: dict) -> None:
     for option in ("maximize", "capturable", "differentiable"):
         if group.get(option):
@@ -209,7 +224,8 @@ class SourceAttribution:
                 slot.moments[BEFORE_ATTACH] = state["exp_avg"].to(slot.dtype, copy=True)
         attached_late = any(BEFORE_ATTACH in s.moments for s in self._slots)
         self.moment_sources = self.gradient_sources + ((BEFORE_ATTACH,) if attached_late else ())
-        self.last_parts: UpdateParts | None = None
+        self._stepped: list[_Stepped] = []  # the last step's per-parameter record (last_parts)
+        self._parts: UpdateParts | None = None
         self._active: str | None = None
         self._plan: list | None = None
         self._clip: float | None = None
@@ -241,22 +257,32 @@ class SourceAttribution:
 
     def _check_nothing_pending(self) -> None:
         """p.grad must be what the last context left, or cleared (zero_grad: the gathered gradient is
-        dropped, as torch drops it)."""
-        checked, flags = [], []
+        dropped, as torch drops it). One comparison per gradient; the finer ones only where it differs."""
+        held = []
         for slot in self._slots:
-            grad = slot.param.grad
-            if grad is None:
+            if slot.param.grad is None:
                 slot.clear()
-                continue
+            else:
+                held.append(slot)
+        # p.grad equals what the last context left (nothing left: p.grad is zero)
+        kept = _all_true([(s.param.grad == (0 if s.snapshot is None else s.snapshot)).all() for s in held])
+        changed = []
+        for slot, ok in zip(held, kept, strict=True):
+            if not ok:
+                changed.append(slot)
+            elif slot.snapshot is None:  # a zero p.grad: nothing gathered
+                slot.clear()
+        flags = []
+        for slot in changed:
+            grad = slot.param.grad
             if slot.snapshot is None:
                 same = grad.new_zeros((), dtype=bool)
             else:  # NaN equals NaN here: an overflowing backward under GradScaler gathers as usual
                 same = ((grad == slot.snapshot) | (grad.isnan() & slot.snapshot.isnan())).all()
-            checked.append(slot)
             flags += [same, (grad == 0).all()]
         flags = _all_true(flags)
         outside = []
-        for slot, same, zero in zip(checked, flags[0::2], flags[1::2], strict=True):
+        for slot, same, zero in zip(changed, flags[0::2], flags[1::2], strict=True):
             if zero and not same:
                 slot.clear()
             elif not same:
@@ -282,7 +308,7 @@ class SourceAttribution:
 
     # ------------------------------------------------------------------ the step
     def _before_step(self, optimizer, args, kwargs) -> None:
-        self.last_parts = None
+        self._stepped, self._parts = [], None
         if any(a is not None for a in (*args[1:], *kwargs.values())):  # args[0] is the optimizer
             raise ValueError("SourceAttribution does not split step(closure): call backward before the step")
         if self._active is not None:
@@ -407,6 +433,8 @@ class SourceAttribution:
             )
 
     def _after_step(self, optimizer, args, kwargs) -> None:
+        """Advance every m^s; the step's parts are formed from what is kept here when ``last_parts`` is
+        first read (most steps nobody reads them)."""
         plan, clip, self._plan = self._plan, self._clip, None
         if plan is None:  # a skipped step
             return
@@ -416,19 +444,41 @@ class SourceAttribution:
             raise RuntimeError(
                 "the optimizer did not step every parameter with a grad: the split cannot follow"
             )
-        current = {s: {} for s in self.gradient_sources}
-        momentum = {s: {} for s in self.moment_sources}
-        weight_decay, coefficients = {}, {}
+        stepped = []
         for (slot, group, _, decay, l2), t in zip(plan, steps, strict=True):
-            beta1, lr = group["betas"][0], group["lr"]
-            step_size = float(lr / (1 - beta1**t))
-            denominator = _denominator(optimizer.state[slot.param], group)
+            beta1 = group["betas"][0]
             pushed = {s: g if clip is None else g * clip for s, g in slot.grads.items()}  # c·g^s
             if l2 is not None:
                 pushed[L2_WEIGHT_DECAY] = l2
+            before = dict(slot.moments)  # m^s_{t-1}: the updates below make new tensors
+            zeros = torch.zeros_like(slot.param, dtype=slot.dtype)
+            for source in set(slot.moments) | set(pushed):
+                m = slot.moments.get(source, zeros) * beta1
+                slot.moments[source] = m if source not in pushed else m.add_(pushed[source], alpha=1 - beta1)
+            stepped.append(_Stepped(slot, group, t, clip, pushed, before, decay))
+            slot.clear()
+        self._stepped = stepped
+
+    @property
+    def last_parts(self) -> UpdateParts | None:
+        """The last step's UpdateParts (None before the first step and after a skipped one). Formed on the
+        first read after the step from its gradients, moments and torch's v (as :meth:`denominator`): read
+        it before the next step."""
+        if self._parts is None and self._stepped:
+            self._parts = self._form_parts(self._stepped)
+        return self._parts
+
+    def _form_parts(self, stepped: list[_Stepped]) -> UpdateParts:
+        current = {s: {} for s in self.gradient_sources}
+        momentum = {s: {} for s in self.moment_sources}
+        weight_decay, coefficients = {}, {}
+        for slot, group, t, clip, pushed, before, decay in stepped:
+            beta1, lr = group["betas"][0], group["lr"]
+            step_size = float(lr / (1 - beta1**t))
+            denominator = _denominator(self.optimizer.state[slot.param], group)
             zeros = torch.zeros_like(slot.param, dtype=slot.dtype)
             for source in self.moment_sources:
-                m = slot.moments.get(source)
+                m = before.get(source)
                 momentum[source][slot.name] = (
                     zeros.clone() if m is None else m * (-step_size * beta1) / denominator
                 )
@@ -436,13 +486,9 @@ class SourceAttribution:
                 g = pushed.get(source)
                 scale = -step_size * (1 - beta1)
                 current[source][slot.name] = zeros.clone() if g is None else g * scale / denominator
-            for source in set(slot.moments) | set(pushed):
-                m = slot.moments.get(source, zeros) * beta1
-                slot.moments[source] = m if source not in pushed else m.add_(pushed[source], alpha=1 - beta1)
             weight_decay[slot.name] = decay
             coefficients[slot.name] = StepCoefficients(float(lr), beta1, int(t), step_size, clip)
-            slot.clear()
-        self.last_parts = UpdateParts(current, momentum, weight_decay, coefficients)
+        return UpdateParts(current, momentum, weight_decay, coefficients)
 
     def denominator(self, name: str) -> Tensor:
         """√v̂_t + ε of the parameter's last step as torch formed it (D_t = 1 / denominator), shaped like
