@@ -253,7 +253,8 @@ def test_one_source_is_the_whole_update_but_weight_decay():
 
 def test_parts_are_the_steps_own_when_read_late():
     """The parts are formed when first read: steps whose parts nobody read still advance every m^s, and
-    what happens between the step and the read (zero_grad, an edit of the weights) does not enter them."""
+    what happens between the step and the read (zero_grad, an edit of the weights, a scheduler changing
+    lr and β1 as OneCycleLR does) does not enter them."""
     parts = []
     for read in (True, False):
         net = make_net()
@@ -265,6 +266,8 @@ def test_parts_are_the_steps_own_when_read_late():
             with torch.no_grad():
                 for p in net.parameters():
                     p.mul_(-3.0)
+            for group in optimizer.param_groups:
+                group["lr"], group["betas"] = 7 * group["lr"], (0.5, group["betas"][1])
         parts.append(last.parts if read else split.last_parts)
         assert split.last_parts is parts[-1]  # formed once
     read_at_once, read_late = parts

@@ -144,7 +144,7 @@ class _Stepped(NamedTuple):
     """One parameter's last step, as kept for ``last_parts``."""
 
     slot: _Slot
-    group: dict
+    group: dict  # the parameter group's settings at the step
     step: float  # t
     clip: float | None
     pushed: dict[str, Tensor]  # source → c·g^s (and Adam's L2 term)
@@ -165,6 +165,11 @@ def _denominator(state: dict, group: dict) -> Tensor:
     v = state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]
     bias_correction2 = 1 - group["betas"][1] ** float(state["step"])
     return (v.sqrt() / bias_correction2**0.5).add_(group["eps"])
+
+
+def _copied(x):
+    """A tensor cloned (a tensor lr that a scheduler may change in place), anything else as it is."""
+    return x.clone() if isinstance(x, Tensor) else x
 
 
 def _all_true(flags: list[Tensor]) -> list[bool]:
@@ -444,8 +449,11 @@ class SourceAttribution:
             raise RuntimeError(
                 "the optimizer did not step every parameter with a grad: the split cannot follow"
             )
+        # each group's settings as this step used them: a scheduler may change lr or betas before the read
+        settings = {id(g): {**g, "lr": _copied(g["lr"])} for g in optimizer.param_groups}
         stepped = []
         for (slot, group, _, decay, l2), t in zip(plan, steps, strict=True):
+            group = settings[id(group)]
             beta1 = group["betas"][0]
             pushed = {s: g if clip is None else g * clip for s, g in slot.grads.items()}  # c·g^s
             if l2 is not None:
