@@ -359,7 +359,7 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=15, help="tracked steps per configuration (the first untimed)"
     )
-    parser.add_argument("--store-pairs", type=int, default=30, help="timed plain/stored pairs of the store")
+    parser.add_argument("--store-pairs", type=int, default=30, help="timed pairs (store, split)")
     parser.add_argument("--store-k", type=int, default=16, help="k of the gradient store's projection")
     parser.add_argument("--batch", type=int, default=32, help="DPO pairs per step")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU time = compute)")

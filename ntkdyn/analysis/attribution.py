@@ -459,9 +459,9 @@ class SourceAttribution:
             if l2 is not None:
                 pushed[L2_WEIGHT_DECAY] = l2
             before = dict(slot.moments)  # m^s_{t-1}: the updates below make new tensors
-            zeros = torch.zeros_like(slot.param, dtype=slot.dtype)
             for source in set(slot.moments) | set(pushed):
-                m = slot.moments.get(source, zeros) * beta1
+                m = slot.moments.get(source)
+                m = torch.zeros_like(slot.param, dtype=slot.dtype) if m is None else m * beta1
                 slot.moments[source] = m if source not in pushed else m.add_(pushed[source], alpha=1 - beta1)
             stepped.append(_Stepped(slot, group, t, clip, pushed, before, decay))
             slot.clear()
