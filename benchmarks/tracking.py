@@ -21,6 +21,17 @@ percentile-bootstrap interval.
            with a small tracker), the second is steady; "plain" steps here are split, as every step of a
            tracked run is. tracked / plain = (tracked + after - plain) / plain; the run's overhead at the
            default --track-every N: split x (1 + (tracked / plain - 1) / N) - 1 (of the two medians)
+Two floors go beside them, work that no implementation of each can skip:
+  store floor    every nn.Linear output's Kronecker block (the store's k) formed in bare hooks, as any
+                 capture from Python hooks must (a forward hook keeps the input, a hook on the output forms
+                 (G P_out)^T (A P_in) per sample): no rules, checks or file, and nothing for the other
+                 parameters (RMSNorm gains, embeddings), so the store itself costs more; pairs of a plain
+                 and a hooked step on the store's batches, in alternating order
+  tracked floor  the probes' forward and one summed backward (no per-sample work at all), their
+                 re-evaluation, and one float32 product of the probes' feature rows with all the rows a
+                 tracked step multiplies them with (probes, plain and preconditioned training rows, P Δθ)
+                 over D random columns; timed once per timed round after the rounds (it does not depend
+                 on the training batch), floor / plain = 1 + that time / the round's plain step
 Times are CPU time of this process (time.process_time, summed over its threads), which other processes
 sharing the machine do not inflate the way they inflate wall-clock time. Work is counted too, on one more
 step of each kind after the timed ones (torch.utils.flop_counter: the FLOPs of matrix products, attention
@@ -44,6 +55,7 @@ import contextlib
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -55,6 +67,7 @@ from ntkdyn.analysis.gradient_store import GradientStore
 from ntkdyn.analysis.projector import ProjectionConfig
 from ntkdyn.analysis.statistics import Interval, bootstrap_ci
 from ntkdyn.analysis.summary import summarize_dynamics
+from ntkdyn.analysis.tracker import DynamicsTracker
 from ntkdyn.config import TrackingConfig
 from ntkdyn.models.scenes import oracle_of_images, world_images
 from ntkdyn.models.toy import ToyAdapter
@@ -182,7 +195,8 @@ def run(
     on a fresh batch (as in a run), then two plain steps on the same batch, "after" (it pays what the
     tracked step left behind: the tracker's freed memory faulted back) and "plain" (steady). The first
     round is not timed. The model's trajectory is that of the earlier plain / stored / tracked triples. One
-    more round, after the timed ones and the summary, counts the FLOPs of a tracked and a plain step."""
+    more round, after the timed ones and the summary, counts the FLOPs of a tracked and a plain step; then
+    the tracked floor is timed once per timed round, each over that round's plain step."""
     toy = ToyStep(model_dir, width, batch_size)
     records = pretrained_records(toy.adapter, 4 * per_category)
     projection = ProjectionConfig(kind=kind, k=k)
@@ -203,6 +217,13 @@ def run(
         summary = summarize_dynamics(read_jsonl(RunDir(out).dynamics))
         last, batch = 3 * (rounds + 1), toy.batch(3 * (rounds + 1))
         flops = {"tracked": toy.flops(last, batch, [tracker]), "plain": toy.flops(last + 1, batch, [])}
+        with torch.no_grad():
+            train_rows = sum(len(fn(toy.model, batch)) for fn in toy.loss_fns.values())
+        probes = sum(len(g.batch["prompts"]) for g in tracker.probes)
+        # the probes' rows times every row of F and the preconditioned training rows
+        features = torch.randn(probes + 2 * train_rows + 1, tracker.projector.feature_dim)
+        floors = [tracked_floor(toy, tracker, features) for _ in times["plain"]]
+        del features
     # the tracked step's cost with the slowdown it leaves to the next step, over a steady plain step
     ratios = [
         (t + a - p) / p for t, a, p in zip(times["tracked"], times["after"], times["plain"], strict=True)
@@ -210,10 +231,11 @@ def run(
     return {
         "kind": kind,
         "k": k,
-        "probes": sum(len(g.batch["prompts"]) for g in tracker.probes),
+        "probes": probes,
         "D": tracker.projector.feature_dim,
         **{f"{name}_s": statistics.median(values) for name, values in times.items()},
         "tracked_ratio": median_interval(ratios),
+        "floor_ratio": median_interval([1 + f / p for f, p in zip(floors, times["plain"], strict=True)]),
         **work(flops["tracked"], flops["plain"], statistics.median(times["plain"]), peak),
         **{
             f"{b}_{name}": (summary[b] if name == "exact" else summary[b].get(name, {})).get(
@@ -256,6 +278,82 @@ def store_overhead(
         "ratio": median_interval([s / p for s, p in zip(times["stored"], times["plain"], strict=True)]),
         **work(flops["stored"], flops["plain"], statistics.median(times["plain"]), peak),
     }
+
+
+@contextlib.contextmanager
+def bare_linear_capture(
+    model: torch.nn.Module, k: int
+) -> Iterator[tuple[list[tuple[torch.nn.Linear, torch.Tensor]], dict]]:
+    """The store's floor: on every nn.Linear call a forward hook keeps the input A [B, T, d_in] and a hook
+    on the output's gradient G [B, T, d_out] forms the per-sample block (G P_out)^T (A P_in) [B, k, k]
+    (a [d, k] Gaussian factor; an axis of size <= k kept exact: None). Yields (blocks, factors): the
+    (module, block) pairs in the order the backward formed them, and module -> (P_out, P_in)."""
+    blocks: list[tuple[torch.nn.Linear, torch.Tensor]] = []
+    factors: dict[torch.nn.Linear, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+
+    def keep(module: torch.nn.Linear, inputs: tuple, output: torch.Tensor) -> None:
+        if not output.requires_grad:
+            return
+        a, (p_out, p_in) = inputs[0].detach(), factors[module]
+
+        def form(g: torch.Tensor) -> None:
+            left = g if p_out is None else g @ p_out
+            right = a if p_in is None else a @ p_in
+            blocks.append((module, torch.bmm(left.transpose(1, 2), right)))
+
+        output.register_hook(form)
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            dims = (module.out_features, module.in_features)
+            factors[module] = tuple(torch.randn(d, k) / k**0.5 if d > k else None for d in dims)
+            handles.append(module.register_forward_hook(keep))
+    try:
+        yield blocks, factors
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def store_floor(model_dir: str | None, width: int | None, pairs: int, batch_size: int, store_k: int) -> dict:
+    """bare_linear_capture over a plain (unsplit) step, as store_overhead times the store: pairs on the
+    same batch, alternating order, the first two not timed; ``outputs``: the blocks formed per step."""
+    toy = ToyStep(model_dir, width, batch_size)
+    times: dict[str, list[float]] = {"plain": [], "bare": []}
+    step, outputs = 0, 0
+    for i in tqdm(range(pairs + 2), desc=f"store floor k={store_k}", leave=False):
+        batch = toy.batch(1000 + i)  # store_overhead's batches
+        for name in ("bare", "plain") if i % 2 else ("plain", "bare"):
+            step += 1
+            if name == "plain":
+                seconds = toy(step, batch, [])
+            else:
+                with bare_linear_capture(toy.model, store_k) as (blocks, _):
+                    seconds = toy(step, batch, [])
+                outputs = len(blocks)
+            if i >= 2:
+                times[name].append(seconds)
+    return {
+        "outputs": outputs,
+        **{f"{name}_s": statistics.median(values) for name, values in times.items()},
+        "ratio": median_interval([b / p for b, p in zip(times["bare"], times["plain"], strict=True)]),
+    }
+
+
+def tracked_floor(toy: ToyStep, tracker: DynamicsTracker, features: torch.Tensor) -> float:
+    """CPU seconds of what no tracked step can skip (module docstring, "tracked floor") on ``tracker``'s
+    probe groups at the current weights; ``features`` [rows, D]: the first rows stand for the probes'."""
+    probes = sum(len(g.batch["prompts"]) for g in tracker.probes)
+    start = time.process_time()
+    for g in tracker.probes:
+        g.fn(toy.model, g.batch).sum().backward()
+    toy.model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for g in tracker.probes:
+            g.fn(toy.model, g.batch)
+    features[:probes] @ features.T
+    return time.process_time() - start
 
 
 def split_overhead(model_dir: str | None, width: int | None, pairs: int, batch_size: int) -> dict:
@@ -385,6 +483,12 @@ def main() -> None:
         f"{100 * (store['flop_ratio'] - 1):+.1f}% at the plain step's rate, "
         f"{100 * (store['at_peak'] - 1):+.1f}% at peak\n"
     )
+    floor = store_floor(args.model_dir, args.width, args.store_pairs, args.batch, args.store_k)
+    print(
+        f"store floor ({floor['outputs']} nn.Linear outputs' blocks in bare hooks, nothing else; "
+        f"{args.store_pairs} pairs): plain step {floor['plain_s']:.3f} s, with the hooks "
+        f"{floor['bare_s']:.3f} s, overhead {overhead(floor['ratio'])}\n"
+    )
     if args.store_only:
         return
     split = split_overhead(args.model_dir, args.width, args.store_pairs, args.batch)
@@ -401,7 +505,8 @@ def main() -> None:
         configs += [("exact", None, p) for p in args.probes]
     header = (
         "| kind | k | probes | D | plain step (CPU s) | step after a tracked one (CPU s) "
-        "| tracked step (CPU s) | tracked / plain | GFLOP tracked / plain | FLOP ratio | at peak "
+        "| tracked step (CPU s) | tracked / plain | tracked floor / plain "
+        "| GFLOP tracked / plain | FLOP ratio | at peak "
         "| gen r exact | gen r features | gen r kernel~current | gen r sgd~current "
         "| und r exact | und r features | und r kernel~current | und r sgd~current "
         f"| run overhead at --track-every {every} |"
@@ -415,6 +520,7 @@ def main() -> None:
             f"| {r['kind']} | {r['k'] or '-'} | {r['probes']} | {r['D']} | {r['plain_s']:.3f} | "
             f"{r['after_s']:.3f} | {r['tracked_s']:.2f} | "
             f"{tracked.estimate:.1f}x [{tracked.lo:.1f}, {tracked.hi:.1f}] | "
+            f"{r['floor_ratio'].estimate:.1f}x [{r['floor_ratio'].lo:.1f}, {r['floor_ratio'].hi:.1f}] | "
             f"{r['gflop']:.1f} / {r['plain_gflop']:.1f} | {r['flop_ratio']:.1f}x | {r['at_peak']:.1f}x | "
             + " | ".join(
                 f"{r[f'{b}_{name}']:.3f}"
