@@ -1,6 +1,6 @@
 """The configuration tree of a ``python -m ntkdyn.track`` run, saved whole in its config.json:
 
-    RunConfig           model, run directory, resume, tracking on/off, threads
+    RunConfig           model, run directory, resume, tracking on/off, threads (steps, the rest)
       train  TrainConfig      optimisation (ntkdyn.trainer.config)
       data   DataConfig       self-improvement data: candidates, judge, filters (ntkdyn.trainer.config)
       selection SelectionConfig  label-free checkpoint selection, off by default (ntkdyn.trainer.config)
@@ -139,8 +139,15 @@ class RunConfig:
     threads: int = field(
         default=1,
         metadata={
-            "help": "torch CPU threads per process (1: small models gain nothing from more, and a busy "
-            "machine slows down badly with more)"
+            "help": "torch CPU threads of each training step (its float sums, hence the trained weights, "
+            "depend on it; the documented runs use 1)"
+        },
+    )
+    inference_threads: int = field(
+        default=0,
+        metadata={
+            "help": "torch CPU threads for everything else: generating, judging, evaluating, the "
+            "end-of-run report (0: torch's default, one per core or OMP_NUM_THREADS; 1 on a busy machine)"
         },
     )
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"cli_prefix": ""})
@@ -153,6 +160,11 @@ class RunConfig:
         check_model_spec(self.model)
         _check(bool(self.out), "out", "must be a directory path")
         _check(self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
+        _check(
+            self.inference_threads >= 0,
+            "inference_threads",
+            f"must be >= 0 (0: torch's default), got {self.inference_threads}",
+        )
         if self.train.objective == "dpo":
             _check(
                 self.data.candidates >= 2,

@@ -206,7 +206,8 @@ def format_summary(summary: dict) -> str:
 def run(cfg: RunConfig) -> dict:
     """Run (or resume) the run of ``cfg`` (checked by parse_args); returns its summary."""
     start = time.time()
-    torch.set_num_threads(cfg.threads)
+    if cfg.inference_threads:
+        torch.set_num_threads(cfg.inference_threads)
     dist = init_distributed()
     if cfg.train.batch_size % dist.world_size:
         raise ValueError(
@@ -258,6 +259,7 @@ def run(cfg: RunConfig) -> dict:
         dist=dist,
         hooks=hooks,
         selection=cfg.selection,
+        step_threads=cfg.threads,
     )
     pretrained = {
         n: p.detach().to("cpu", copy=True) for n, p in adapter.model.named_parameters() if p.requires_grad

@@ -249,3 +249,37 @@ def test_the_loop_splits_each_step_by_source_exactly(tmp_path):
         moved = second["after"][name] - second["before"][name]
         ulp = torch.finfo(torch.float32).eps * second["before"][name].abs().max().item()  # rounding of θ
         _sums_to(second["parts"], name, moved, ulp)
+
+
+def test_steps_run_on_step_threads_and_the_rest_on_the_process_setting(tmp_path):
+    class ThreadCounts:
+        def __init__(self):
+            self.seen = []
+
+        def before_step(self, step, model, loss_fns, batch):
+            self.seen.append(("before_step", torch.get_num_threads()))
+
+        def after_step(self, step, model, lr):
+            self.seen.append(("after_step", torch.get_num_threads()))
+
+    adapter = ToyAdapter.tiny(seed=0)
+    prompts = stratified_prompts(adapter.world, "train", 6, seed=0)
+    counts = ThreadCounts()
+
+    def evaluate(a):
+        counts.seen.append(("evaluate", torch.get_num_threads()))
+        return {"m": 1.0}
+
+    train, data = _configs()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        trainer = Trainer(
+            adapter, adapter.world, prompts, train, data, tmp_path, evaluate, hooks=[counts], step_threads=1
+        )
+        trainer.train({"m": 0.0})
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    assert counts.seen == [("before_step", 1), ("after_step", 1)] * 2 + [("evaluate", 3)]
+    assert after == 3

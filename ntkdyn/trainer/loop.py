@@ -42,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -72,6 +72,21 @@ from ntkdyn.trainer.selection import Selector, held_out_prompts
 from ntkdyn.world import Prompt, ShapesWorld
 
 EvaluateFn = Callable[[UnifiedAdapter], dict]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's CPU (intra-op) thread count set to ``n`` inside the block, and set back after it; None:
+    unchanged."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def learning_rate(cfg: TrainConfig, k: int, steps: int) -> float:
@@ -132,7 +147,10 @@ class Trainer:
     evaluate(adapter) -> metrics on the eval prompts (run on rank 0; broadcast). hooks: see the module
     docstring. dist: this process's place in a DDP group (default: one process). selection: label-free
     checkpoint selection on held-out train-split prompts (held_out_prompts; off when None or
-    select_every 0); its frozen judge is copied here, before any training or restore.
+    select_every 0); its frozen judge is copied here, before any training or restore. step_threads:
+    torch's CPU threads while each optimizer step runs, its hooks included (None: the process's setting,
+    which generation, judging and evaluation use): the step's float sums, hence the trained weights,
+    depend on it.
     """
 
     def __init__(
@@ -147,6 +165,7 @@ class Trainer:
         dist: Dist | None = None,
         hooks: Sequence = (),
         selection: SelectionConfig | None = None,
+        step_threads: int | None = None,
     ) -> None:
         dist = dist or Dist()
         if train.batch_size % dist.world_size:
@@ -157,6 +176,7 @@ class Trainer:
         self.cfg, self.data_cfg = train, data
         self.run = RunDir(run_dir)
         self.evaluate_fn, self.dist, self.hooks = evaluate, dist, list(hooks)
+        self.step_threads = step_threads
         self.model = adapter.model
         self.params = trained_parameters(adapter, train.trainable)
         self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=train.weight_decay)
@@ -207,7 +227,9 @@ class Trainer:
                 range(first_step, steps), desc=f"{tc.objective} round {r}", disable=not self.dist.is_main
             ):
                 position = Position(position.step + 1, r, k + 1, position.pool)
-                self.metrics_log.write(self.optimizer_step(train_set, r, k, steps, position.step))
+                with torch_threads(self.step_threads):
+                    row = self.optimizer_step(train_set, r, k, steps, position.step)
+                self.metrics_log.write(row)
                 last = r == tc.rounds - 1 and k == steps - 1  # the final evaluation comes after the loop
                 if tc.eval_every and position.step % tc.eval_every == 0 and not last:
                     self.evaluate(position.step)
