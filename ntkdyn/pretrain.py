@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 from ntkdyn.cli import config_parser, parse_config
 from ntkdyn.models.toy import ToyAdapter
 from ntkdyn.models.toy_recipe import PretrainConfig, write_manifest
+from ntkdyn.trainer.loop import torch_threads
 from ntkdyn.world import Prompt, ShapesWorld
 
 
@@ -136,88 +137,89 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> tuple[ToyAdapter,
 
     Returns the adapter and a log: one dict per 50 steps with the mean losses and steps/s.
     """
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    size = config.model
-    world = ShapesWorld(seed=size.world_seed, grid_size=size.grid_size, cell_pixels=size.cell_pixels)
-    adapter = ToyAdapter.build(
-        world,
-        seed=config.seed,
-        hidden_size=size.hidden_size,
-        num_layers=size.num_layers,
-        num_heads=size.num_heads,
-        intermediate_size=size.intermediate_size,
-        initializer_range=size.initializer_range,
-    )
-    model = adapter.model
-    model.train()
-    sampler = TaskSampler(
-        world,
-        np.random.default_rng([config.seed, 1]),
-        config.und_category_weights,
-        config.negative_kind_weights,
-    )
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-        betas=(0.9, 0.98),
-    )
-
-    def lr_factor(step: int) -> float:
-        if step < config.warmup:
-            return (step + 1) / config.warmup
-        progress_ = (step - config.warmup) / max(1, config.steps - config.warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress_))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-
-    def caption_loss(texts: list[str], images: torch.Tensor) -> torch.Tensor:
-        lengths = torch.tensor([len(t.split()) for t in texts], dtype=torch.float32)
-        return -(adapter.caption_logprob(images, texts) / lengths).mean()
-
-    names = ("gen_loss", "und_loss", "caption_loss", "ground_loss", "und_train_acc")
-    log, sums, start = [], np.zeros(len(names)), time.perf_counter()
-    bar = tqdm(range(config.steps), desc="pretrain toy", disable=not progress)
-    for step in bar:
-        hard = config.hard_start + (config.hard_end - config.hard_start) * min(
-            1.0, step / max(1, config.hard_ramp * config.steps)
+    with torch_threads(config.threads):  # the weights' float sums depend on it
+        size = config.model
+        world = ShapesWorld(seed=size.world_seed, grid_size=size.grid_size, cell_pixels=size.cell_pixels)
+        adapter = ToyAdapter.build(
+            world,
+            seed=config.seed,
+            hidden_size=size.hidden_size,
+            num_layers=size.num_layers,
+            num_heads=size.num_heads,
+            intermediate_size=size.intermediate_size,
+            initializer_range=size.initializer_range,
         )
-        relation_stage = step < config.relation_warmup
-        gen_loss, cap_loss, ground_loss = torch.zeros(()), torch.zeros(()), torch.zeros(())
-        if relation_stage:
-            und_texts, und_images, labels = sampler.relation_pairs(config.und_batch)
-        else:
-            gen_texts, gen_images = sampler.positives(config.gen_batch)
-            gen_loss = -adapter.gen_logprob(gen_texts, gen_images).mean() / adapter.image_tokens
-            und_texts, und_images, labels = sampler.understanding(config.und_batch, hard)
-        log_odds = adapter.judge(und_images, und_texts).log_odds
-        und_loss = torch.nn.functional.binary_cross_entropy_with_logits(log_odds, labels)
-        if config.caption_batch and not relation_stage:
-            cap_loss = caption_loss(*sampler.positives(config.caption_batch))
-        if config.ground_batch:
-            ground_loss = caption_loss(*sampler.grounded_captions(config.ground_batch))
-        loss = gen_loss + und_loss + cap_loss + ground_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        und_acc = ((log_odds.detach() > 0).float() == labels).float().mean()
-        sums += [gen_loss.item(), und_loss.item(), cap_loss.item(), ground_loss.item(), und_acc.item()]
-        if (step + 1) % 50 == 0 or step + 1 == config.steps:
-            entry = dict(zip(names, sums / ((step % 50) + 1), strict=True))
-            entry.update(step=step + 1, hard=hard, steps_per_s=(step + 1) / (time.perf_counter() - start))
-            log.append(entry)
-            bar.set_postfix(
-                gen=f"{entry['gen_loss']:.3f}",
-                und=f"{entry['und_loss']:.3f}",
-                acc=f"{entry['und_train_acc']:.2f}",
+        model = adapter.model
+        model.train()
+        sampler = TaskSampler(
+            world,
+            np.random.default_rng([config.seed, 1]),
+            config.und_category_weights,
+            config.negative_kind_weights,
+        )
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=config.lr,
+            betas=(0.9, 0.98),
+        )
+
+        def lr_factor(step: int) -> float:
+            if step < config.warmup:
+                return (step + 1) / config.warmup
+            progress_ = (step - config.warmup) / max(1, config.steps - config.warmup)
+            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress_))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+        def caption_loss(texts: list[str], images: torch.Tensor) -> torch.Tensor:
+            lengths = torch.tensor([len(t.split()) for t in texts], dtype=torch.float32)
+            return -(adapter.caption_logprob(images, texts) / lengths).mean()
+
+        names = ("gen_loss", "und_loss", "caption_loss", "ground_loss", "und_train_acc")
+        log, sums, start = [], np.zeros(len(names)), time.perf_counter()
+        bar = tqdm(range(config.steps), desc="pretrain toy", disable=not progress)
+        for step in bar:
+            hard = config.hard_start + (config.hard_end - config.hard_start) * min(
+                1.0, step / max(1, config.hard_ramp * config.steps)
             )
-            sums[:] = 0
-    model.eval()
-    torch.set_num_threads(threads_before)
+            relation_stage = step < config.relation_warmup
+            gen_loss, cap_loss, ground_loss = torch.zeros(()), torch.zeros(()), torch.zeros(())
+            if relation_stage:
+                und_texts, und_images, labels = sampler.relation_pairs(config.und_batch)
+            else:
+                gen_texts, gen_images = sampler.positives(config.gen_batch)
+                gen_loss = -adapter.gen_logprob(gen_texts, gen_images).mean() / adapter.image_tokens
+                und_texts, und_images, labels = sampler.understanding(config.und_batch, hard)
+            log_odds = adapter.judge(und_images, und_texts).log_odds
+            und_loss = torch.nn.functional.binary_cross_entropy_with_logits(log_odds, labels)
+            if config.caption_batch and not relation_stage:
+                cap_loss = caption_loss(*sampler.positives(config.caption_batch))
+            if config.ground_batch:
+                ground_loss = caption_loss(*sampler.grounded_captions(config.ground_batch))
+            loss = gen_loss + und_loss + cap_loss + ground_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            und_acc = ((log_odds.detach() > 0).float() == labels).float().mean()
+            sums += [gen_loss.item(), und_loss.item(), cap_loss.item(), ground_loss.item(), und_acc.item()]
+            if (step + 1) % 50 == 0 or step + 1 == config.steps:
+                entry = dict(zip(names, sums / ((step % 50) + 1), strict=True))
+                entry.update(step=step + 1, hard=hard, steps_per_s=(step + 1) / (time.perf_counter() - start))
+                log.append(entry)
+                bar.set_postfix(
+                    gen=f"{entry['gen_loss']:.3f}",
+                    und=f"{entry['und_loss']:.3f}",
+                    acc=f"{entry['und_train_acc']:.2f}",
+                )
+                sums[:] = 0
+        model.eval()
     return adapter, log
 
 
