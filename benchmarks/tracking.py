@@ -55,7 +55,7 @@ import contextlib
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -247,6 +247,24 @@ def run(
     }
 
 
+def paired_steps(
+    pairs: int, batch: Callable[[int], dict], steps: dict[str, Callable[[int, dict], float]], desc: str
+) -> tuple[dict[str, list[float]], int]:
+    """pairs + 2 pairs of the two kinds of step in ``steps`` (name -> step(step number, batch) -> CPU s),
+    both on batch(i) for pair i, in alternating order, numbered 1, 2, ... across both; the first two pairs
+    are not timed. Returns the times of each kind and the last step number."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names, step = list(steps), 0
+    for i in tqdm(range(pairs + 2), desc=desc, leave=False):
+        pair_batch = batch(i)
+        for name in names[::-1] if i % 2 else names:
+            step += 1
+            seconds = steps[name](step, pair_batch)
+            if i >= 2:
+                times[name].append(seconds)
+    return times, step
+
+
 def store_overhead(
     model_dir: str | None, width: int | None, pairs: int, batch_size: int, store_k: int, peak: float
 ) -> dict:
@@ -254,18 +272,10 @@ def store_overhead(
     batch, in alternating order; the overhead is the median over the pairs of stored / plain - 1. The
     first two pairs are not timed (the store's calibration); one more pair after them counts the FLOPs."""
     toy = ToyStep(model_dir, width, batch_size)  # no split: a run with the store alone does not split
-    times: dict[str, list[float]] = {"plain": [], "stored": []}
     with tempfile.TemporaryDirectory(prefix="ntkdyn-bench-") as out:
         store = GradientStore(toy.model, out, ProjectionConfig(kind="kronecker", k=store_k))
-        step = 0
-        for i in tqdm(range(pairs + 2), desc=f"store k={store_k}", leave=False):
-            batch = toy.batch(1000 + i)
-            order = ("stored", "plain") if i % 2 else ("plain", "stored")
-            for name in order:
-                step += 1
-                seconds = toy(step, batch, [store] if name == "stored" else [])
-                if i >= 2:
-                    times[name].append(seconds)
+        steps = {"plain": lambda n, b: toy(n, b, []), "stored": lambda n, b: toy(n, b, [store])}
+        times, step = paired_steps(pairs, lambda i: toy.batch(1000 + i), steps, f"store k={store_k}")
         batch = toy.batch(1000 + pairs + 2)
         flops = {"plain": toy.flops(step + 1, batch, []), "stored": toy.flops(step + 2, batch, [store])}
         files = sum(1 for _ in RunDir(out).gradient_files())
@@ -320,22 +330,18 @@ def store_floor(model_dir: str | None, width: int | None, pairs: int, batch_size
     """bare_linear_capture over a plain (unsplit) step, as store_overhead times the store: pairs on the
     same batch, alternating order, the first two not timed; ``outputs``: the blocks formed per step."""
     toy = ToyStep(model_dir, width, batch_size)
-    times: dict[str, list[float]] = {"plain": [], "bare": []}
-    step, outputs = 0, 0
-    for i in tqdm(range(pairs + 2), desc=f"store floor k={store_k}", leave=False):
-        batch = toy.batch(1000 + i)  # store_overhead's batches
-        for name in ("bare", "plain") if i % 2 else ("plain", "bare"):
-            step += 1
-            if name == "plain":
-                seconds = toy(step, batch, [])
-            else:
-                with bare_linear_capture(toy.model, store_k) as (blocks, _):
-                    seconds = toy(step, batch, [])
-                outputs = len(blocks)
-            if i >= 2:
-                times[name].append(seconds)
+    outputs = []
+
+    def bare(step: int, batch: dict) -> float:
+        with bare_linear_capture(toy.model, store_k) as (blocks, _):
+            seconds = toy(step, batch, [])
+        outputs.append(len(blocks))
+        return seconds
+
+    steps = {"plain": lambda n, b: toy(n, b, []), "bare": bare}
+    times, _ = paired_steps(pairs, lambda i: toy.batch(1000 + i), steps, f"store floor k={store_k}")
     return {
-        "outputs": outputs,
+        "outputs": outputs[-1],
         **{f"{name}_s": statistics.median(values) for name, values in times.items()},
         "ratio": median_interval([b / p for b, p in zip(times["bare"], times["plain"], strict=True)]),
     }
@@ -363,13 +369,8 @@ def split_overhead(model_dir: str | None, width: int | None, pairs: int, batch_s
     the same batch, in alternating order; the first two pairs are not timed."""
     unsplit, split = ToyStep(model_dir, width, batch_size), ToyStep(model_dir, width, batch_size)
     split.split = SourceAttribution(split.opt, split.model.named_parameters(), tuple(split.loss_fns))
-    times: dict[str, list[float]] = {"unsplit": [], "split": []}
-    for i in tqdm(range(pairs + 2), desc="split", leave=False):
-        batch = unsplit.batch(2000 + i)
-        for name in ("split", "unsplit") if i % 2 else ("unsplit", "split"):
-            seconds = (split if name == "split" else unsplit)(i + 1, batch, [])
-            if i >= 2:
-                times[name].append(seconds)
+    steps = {"unsplit": lambda n, b: unsplit(n, b, []), "split": lambda n, b: split(n, b, [])}
+    times, _ = paired_steps(pairs, lambda i: unsplit.batch(2000 + i), steps, "split")
     return {
         **{f"{name}_s": statistics.median(values) for name, values in times.items()},
         "ratio": median_interval([s / p for s, p in zip(times["split"], times["unsplit"], strict=True)]),
