@@ -147,7 +147,8 @@ class RunConfig:
         default=0,
         metadata={
             "help": "torch CPU threads for everything else: generating, judging, evaluating, the "
-            "end-of-run report (0: torch's default, one per core or OMP_NUM_THREADS; 1 on a busy machine)"
+            "end-of-run report (0: the process's setting, in a fresh process torch's default of one per "
+            "core or OMP_NUM_THREADS; 1 on a busy machine)"
         },
     )
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"cli_prefix": ""})
